@@ -1,0 +1,104 @@
+"""Cost of one SDPO step against a plain PEFT cross-entropy step on the same tokens, in one run.
+
+Each variant runs in its own child process so that its peak RSS is its own. Prints JSON; the tracked
+figure is `ratio.step_time` (target: <= 2.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+PROMPT = "Write a short paragraph about why the sea is salty."
+FEEDBACK = "Answer only in French."
+
+
+def _measure(variant: str, steps: int, response_tokens: int, queue) -> None:
+    import torch
+
+    from claas_ray.config import LoraConfig, ModelConfig, TrainingConfig
+    from claas_ray.training import ChatMessage, SDPOTrainer, TrainingExample
+    from claas_ray.training.example import render_prompt_ids
+    from claas_ray.training.step import STUDENT, _make_optimizer
+
+    torch.manual_seed(0)
+    trainer = SDPOTrainer(ModelConfig())
+    state = trainer.init_adapter(LoraConfig())
+    messages = [ChatMessage(role="user", content=PROMPT)]
+    # A fixed, generated response of the requested length (no EOS), identical for both variants.
+    _, ids = trainer.generate(None, messages, max_new_tokens=response_tokens)
+    ids = [i for i in ids if i != trainer.tokenizer.eos_token_id][:response_tokens]
+    example = TrainingExample(messages=messages, response_token_ids=ids, feedback=FEEDBACK)
+    config = TrainingConfig()
+
+    def sdpo_step() -> None:
+        result = trainer.step(state, [example], config)
+        assert result.accepted, result.reason
+
+    prompt_ids = render_prompt_ids(trainer.tokenizer, messages)
+    input_ids = torch.tensor(prompt_ids + ids)
+    response = torch.tensor(ids)
+
+    def plain_step() -> None:
+        trainer._prepare(state)
+        params = trainer._slot_params(STUDENT)
+        optimizer = _make_optimizer(params, state.optimizer, config)
+        with trainer._weights(STUDENT):
+            logits = trainer._response_logits(input_ids, response.shape[0])
+            loss = torch.nn.functional.cross_entropy(logits, response)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        optimizer.step()
+
+    run = sdpo_step if variant == "sdpo" else plain_step
+    run()  # warm-up
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    queue.put(
+        {
+            "median_step_seconds": statistics.median(times),
+            "min_step_seconds": min(times),
+            "tokens_per_step": len(ids),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "steps": steps,
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--response-tokens", type=int, default=96)
+    args = parser.parse_args()
+    context = mp.get_context("spawn")
+    results = {}
+    for variant in ("sdpo", "plain_ce"):
+        queue = context.Queue()
+        process = context.Process(target=_measure, args=(variant, args.steps, args.response_tokens, queue))
+        process.start()
+        results[variant] = queue.get()
+        process.join()
+    report = {
+        "benchmark": "sdpo_step",
+        "model": "smollm2-135m",
+        "sdpo": results["sdpo"],
+        "plain_ce": results["plain_ce"],
+        "ratio": {
+            "step_time": results["sdpo"]["median_step_seconds"] / results["plain_ce"]["median_step_seconds"],
+            "peak_rss": results["sdpo"]["peak_rss_mb"] / results["plain_ce"]["peak_rss_mb"],
+        },
+        "target": {"step_time": 2.0},
+    }
+    report["meets_target"] = report["ratio"]["step_time"] <= report["target"]["step_time"]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

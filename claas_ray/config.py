@@ -1,0 +1,158 @@
+"""One typed configuration schema for claas-ray.
+
+Every section forbids unknown keys, so a typo in a serve YAML or an environment override fails at start
+with an error that names the key, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "CLAAS_RAY__"
+"""Environment overrides: `CLAAS_RAY__TRAINING__LEARNING_RATE=1e-4` sets `training.learning_rate`."""
+
+DEFAULT_HINDSIGHT_TEMPLATE = (
+    "\n\n=== HINDSIGHT ===\n"
+    "[A later message from the user about your answer. Use it to answer the original request well.]\n"
+    "{feedback}"
+)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(StrictModel):
+    """Shape of a new adapter. Kept per adapter so adapters of different ranks can coexist."""
+
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank r.")
+    alpha: int = Field(32, ge=1, le=1024, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout during training steps.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Projection modules that get LoRA weights (all attention and MLP projections).",
+    )
+
+
+class TrainingConfig(StrictModel):
+    """SDPO step knobs. Defaults follow the SDPO reference unless a comment says why not."""
+
+    learning_rate: float = Field(5e-5, gt=0, le=1.0, description="AdamW learning rate for LoRA weights.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="Generalized JSD interpolation: 0 forward KL, 1 reverse KL."
+    )
+    top_k: int = Field(100, ge=1, le=4096, description="Teacher log-probs kept per position (plus a tail bucket).")
+    is_clip: float = Field(2.0, gt=0, description="Upper clip of the importance ratio student-now / sampler.")
+    kl_weight: float = Field(0.0, ge=0, description="Weight of the k3 KL(student || base) leash.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    teacher: Literal["ema", "base", "current"] = Field(
+        "ema", description="Teacher weights: EMA of the student, the frozen base model, or the student itself."
+    )
+    ema_rate: float = Field(0.05, gt=0, le=1.0, description="EMA teacher update: teacher = (1-r) teacher + r student.")
+    hindsight_template: str = Field(
+        DEFAULT_HINDSIGHT_TEMPLATE,
+        description="Appended to the last user turn of the teacher's context; must contain {feedback}.",
+    )
+    max_kl_to_base: float | None = Field(
+        5.0, gt=0, description="Reject a step whose post-step KL(student || base) per token exceeds this."
+    )
+    append_eos: bool = Field(
+        True, description="End a response given as text with the end-of-turn token, so length is learned too."
+    )
+    seed: int = Field(0, description="Seed for dropout and any sampling inside a step.")
+
+    @model_validator(mode="after")
+    def _template_has_feedback(self) -> "TrainingConfig":
+        if "{feedback}" not in self.hindsight_template:
+            raise ValueError("training.hindsight_template must contain '{feedback}'")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """Which base model, and how to place it."""
+
+    base_model: str = Field(
+        "smollm2-135m",
+        description="A registry name (see `claas-ray models list`), a local folder, or a Hugging Face hub id.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training dtype: auto is float32 on the CPU and bfloat16 on CUDA."
+    )
+    max_model_len: int = Field(1024, ge=64, description="Longest prompt + response in tokens.")
+
+
+class StoreConfig(StrictModel):
+    """Where adapters live."""
+
+    kind: Literal["local"] = Field("local", description="Adapter store backend.")
+    root: str = Field(
+        "~/.cache/claas-ray/adapters", description="Root folder of the local adapter store (~ is expanded)."
+    )
+
+    def root_path(self) -> Path:
+        return Path(os.path.expanduser(self.root))
+
+
+class ClaasConfig(StrictModel):
+    """The whole configuration tree."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that fails validation; the message names every bad key."""
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__") if part]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw)  # so "1e-4", "true" and "[a, b]" get their natural types
+    return tree
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    data: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> ClaasConfig:
+    """Validate a config dict (e.g. a serve YAML's `args`) with environment overrides applied on top."""
+    merged = _merge(data or {}, _env_overrides(dict(os.environ if environ is None else environ)))
+    try:
+        return ClaasConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid claas-ray config: {problems}") from exc
+
+
+def load_config_file(path: str | Path, environ: dict[str, str] | None = None) -> ClaasConfig:
+    """Load a plain claas-ray YAML (the tree above, not a serve config)."""
+    with open(path) as handle:
+        return load_config(yaml.safe_load(handle) or {}, environ)

@@ -1,0 +1,145 @@
+"""The SDPO objective, as pure tensor math (no model, no PEFT, no Ray).
+
+Shapes: T response tokens, V vocabulary, K teacher top-K. All log-probabilities are natural logs.
+
+Per response token t the loss is
+
+    ratio_t * GJSD_alpha(student_t, teacher_t)  +  kl_weight * k3(student_t, base_t)
+
+- The divergence is taken over K+1 buckets: the teacher's top-K token ids, and a tail bucket holding
+  the rest of each distribution's mass, so both sides stay normalised without renormalising to top-K.
+- ratio_t = min(exp(logp_student_now - logp_sampler), is_clip), detached: an off-policy weight that
+  corrects for the response having been sampled by an older version of the adapter; 1 when unknown.
+- k3 = exp(b - s) - (b - s) - 1 with s, b the student's and base model's log-prob of the chosen token:
+  Schulman's unbiased, non-negative estimator of KL(student || base), the leash to the base model.
+
+Tokens outside `mask` contribute nothing; the result is the mean over masked tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_TAIL_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's distribution at each response position, compressed to top-K plus tail."""
+
+    logprobs: torch.Tensor  # [T, K]
+    token_ids: torch.Tensor  # [T, K]
+
+    @property
+    def tail_logprob(self) -> torch.Tensor:  # [T]
+        return log_remaining_mass(self.logprobs)
+
+    def buckets(self) -> torch.Tensor:  # [T, K+1]
+        return torch.cat([self.logprobs, self.tail_logprob.unsqueeze(-1)], dim=-1)
+
+
+def log_remaining_mass(logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(logprobs))) over the last axis, floored so an all-mass top-K stays finite."""
+    covered = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
+    # log(1 - exp(x)) computed stably: log(-expm1(x)).
+    return torch.log((-torch.expm1(covered)).clamp(min=_TAIL_FLOOR))
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int) -> TeacherTopK:
+    """Compress full teacher logits [T, V] to top-K log-probs and their token ids."""
+    logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)
+    k = min(k, logprobs.shape[-1])
+    values, ids = logprobs.topk(k, dim=-1)
+    return TeacherTopK(logprobs=values, token_ids=ids)
+
+
+def student_buckets(student_logprobs: torch.Tensor, teacher: TeacherTopK) -> torch.Tensor:
+    """The student's full log-probs [T, V] folded onto the teacher's K+1 buckets."""
+    on_support = student_logprobs.gather(-1, teacher.token_ids)
+    return torch.cat([on_support, log_remaining_mass(on_support).unsqueeze(-1)], dim=-1)
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last axis from log-probs."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def generalized_jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence per position.
+
+    alpha = 0 is forward KL(teacher || student), alpha = 1 reverse KL(student || teacher); in between,
+    with the mixture M = alpha * teacher + (1 - alpha) * student,
+    GJSD = alpha * KL(teacher || M) + (1 - alpha) * KL(student || M).
+    """
+    if alpha <= 0.0:
+        return _kl(teacher_log, student_log)
+    if alpha >= 1.0:
+        return _kl(student_log, teacher_log)
+    mixture = torch.logsumexp(
+        torch.stack([teacher_log + math.log(alpha), student_log + math.log(1.0 - alpha)]), dim=0
+    )
+    return alpha * _kl(teacher_log, mixture) + (1.0 - alpha) * _kl(student_log, mixture)
+
+
+@dataclass
+class SDPOLossOutput:
+    """The loss to backpropagate, and per-token sums the caller averages over a batch."""
+
+    loss_sum: torch.Tensor  # scalar with grad: sum over masked tokens (divide by the batch's token count)
+    divergence_sum: float
+    kl_sum: float
+    ratio_sum: float
+    clipped_count: int
+    token_count: int
+
+
+def sdpo_loss(
+    student_logits: torch.Tensor,
+    response_ids: torch.Tensor,
+    teacher: TeacherTopK,
+    *,
+    alpha: float,
+    is_clip: float,
+    kl_weight: float,
+    base_logprobs: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> SDPOLossOutput:
+    """Summed SDPO loss of one response (see the module docstring for the formula).
+
+    student_logits [T, V] predict response_ids [T]; base_logprobs and sampling_logprobs are [T] log-probs
+    of those ids under the base model and under the sampler; mask [T] is 1 for tokens that count.
+    """
+    student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
+    chosen = student_logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)  # [T]
+    mask = torch.ones_like(chosen) if mask is None else mask.to(chosen.dtype)
+
+    divergence = generalized_jsd(student_buckets(student_logprobs, teacher), teacher.buckets(), alpha)
+
+    if sampling_logprobs is None:
+        ratio = torch.ones_like(chosen)
+        clipped = torch.zeros_like(chosen, dtype=torch.bool)
+    else:
+        raw = torch.exp(chosen.detach() - sampling_logprobs.to(chosen.dtype))
+        clipped = raw > is_clip
+        ratio = raw.clamp(max=is_clip)
+
+    per_token = ratio * divergence
+    kl = torch.zeros_like(chosen)
+    if base_logprobs is not None:
+        log_ratio = base_logprobs.to(chosen.dtype) - chosen
+        kl = torch.exp(log_ratio) - log_ratio - 1.0
+        if kl_weight:
+            per_token = per_token + kl_weight * kl
+
+    return SDPOLossOutput(
+        loss_sum=(per_token * mask).sum(),
+        divergence_sum=float((divergence.detach() * mask).sum()),
+        kl_sum=float((kl.detach() * mask).sum()),
+        ratio_sum=float((ratio * mask).sum()),
+        clipped_count=int((clipped & mask.bool()).sum()),
+        token_count=int(mask.sum()),
+    )

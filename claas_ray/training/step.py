@@ -1,0 +1,399 @@
+"""`SDPOTrainer`: one guarded SDPO step of a LoRA adapter on a PEFT model.
+
+The trainer holds one base model and two LoRA slots, `student` and `teacher` (the EMA teacher). An
+adapter's tensors are copied into the slots at the start of every step and read back at the end, so one
+trainer serves any number of adapters, and the base weights are never written: only slot parameters are
+given to the optimizer, and the "base" passes run with the adapter layers disabled.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from claas_ray.adapters.state import AdapterState
+from claas_ray.config import LoraConfig, ModelConfig, TrainingConfig
+from claas_ray.models.registry import resolve_model_path
+from claas_ray.training.example import (
+    ChatMessage,
+    TokenizedExample,
+    TrainingExample,
+    render_prompt_ids,
+    tokenize_example,
+)
+from claas_ray.training.sdpo_loss import TeacherTopK, sdpo_loss, teacher_topk
+from claas_ray.training.teacher import ema_update, hindsight_messages
+
+STUDENT = "student"
+TEACHER = "teacher"
+Weights = Literal["student", "teacher", "base"]
+
+
+@dataclass
+class StepResult:
+    """Outcome of one step: the new state if accepted, else the unchanged input state and the reason."""
+
+    accepted: bool
+    state: AdapterState
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def pick_device(preference: str) -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
+    if preference == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, preference)
+
+
+class SDPOTrainer:
+    """Owns the base model for training and turns feedback batches into adapter versions."""
+
+    def __init__(self, model_config: ModelConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_config = model_config
+        self.base_model_name = model_config.base_model
+        path = resolve_model_path(model_config.base_model)
+        self.device = pick_device(model_config.device)
+        self.dtype = pick_dtype(model_config.dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
+        base.eval()
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        self.base = base
+        self._peft = None
+        self._slot_lora: LoraConfig | None = None
+
+    # --- LoRA slots -------------------------------------------------------------------------
+    def _ensure_slots(self, lora: LoraConfig):
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        if self._peft is not None and lora == self._slot_lora:
+            return self._peft
+        peft_config = PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        if self._peft is None:
+            self._peft = get_peft_model(self.base, peft_config, adapter_name=STUDENT)
+        else:
+            self._peft.delete_adapter(TEACHER)
+            self._peft.add_adapter("_swap", peft_config)  # PEFT refuses to delete the last adapter
+            self._peft.delete_adapter(STUDENT)
+            self._peft.add_adapter(STUDENT, peft_config)
+            self._peft.delete_adapter("_swap")
+        self._peft.add_adapter(TEACHER, peft_config)
+        self._peft.set_adapter(STUDENT)
+        self._slot_lora = lora.model_copy()
+        return self._peft
+
+    def _slot_params(self, slot: str) -> dict[str, torch.nn.Parameter]:
+        """Slot parameters under the names PEFT saves them with (adapter name removed)."""
+        marker = f".{slot}."
+        return {
+            name.replace(marker, "."): parameter
+            for name, parameter in self._peft.named_parameters()
+            if marker in name and "lora_" in name
+        }
+
+    @torch.no_grad()
+    def _load_slot(self, slot: str, tensors: dict[str, torch.Tensor]) -> None:
+        params = self._slot_params(slot)
+        if params.keys() != tensors.keys():
+            missing, extra = sorted(params.keys() - tensors.keys())[:3], sorted(tensors.keys() - params.keys())[:3]
+            raise ValueError(f"adapter tensors do not match the base model's LoRA layout: missing {missing}, extra {extra}")
+        for name, parameter in params.items():
+            if parameter.shape != tensors[name].shape:
+                raise ValueError(f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(parameter.shape)}")
+            parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
+
+    def _read_slot(self, slot: str) -> dict[str, torch.Tensor]:
+        return {name: p.detach().to("cpu", torch.float32).clone() for name, p in self._slot_params(slot).items()}
+
+    def _prepare(self, state: AdapterState) -> None:
+        self._ensure_slots(state.lora)
+        self._load_slot(STUDENT, state.student)
+        self._load_slot(TEACHER, state.teacher or state.student)
+
+    @contextmanager
+    def _weights(self, which: Weights) -> Iterator[None]:
+        if which == "base":
+            with self._peft.disable_adapter():
+                yield
+        else:
+            self._peft.set_adapter(which)
+            yield
+
+    # --- adapters ---------------------------------------------------------------------------
+    def init_adapter(self, lora: LoraConfig, seed: int = 0) -> AdapterState:
+        """A zero-effect adapter: A random (Kaiming-uniform, as PEFT does), B zero, so output == base."""
+        self._ensure_slots(lora)
+        generator = torch.Generator().manual_seed(seed)
+        student: dict[str, torch.Tensor] = {}
+        for name, parameter in sorted(self._slot_params(STUDENT).items()):
+            weight = torch.empty(parameter.shape, dtype=torch.float32)
+            if "lora_A" in name:
+                fan_in = weight.shape[1]
+                bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) reduces to this bound
+                weight.uniform_(-bound, bound, generator=generator)
+            else:
+                weight.zero_()
+            student[name] = weight
+        teacher = {name: tensor.clone() for name, tensor in student.items()}
+        return AdapterState(lora=lora.model_copy(), base_model=self.base_model_name, student=student, teacher=teacher)
+
+    # --- scoring passes ---------------------------------------------------------------------
+    def _response_logits(self, input_ids: torch.Tensor, response_len: int) -> torch.Tensor:
+        """Logits [T, V] that predict the last `response_len` tokens of `input_ids`."""
+        output = self._peft(
+            input_ids=input_ids.unsqueeze(0).to(self.device), logits_to_keep=response_len + 1, use_cache=False
+        )
+        return output.logits[0, :-1].float()
+
+    def _chosen_logprobs(self, input_ids: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+        logits = self._response_logits(input_ids, response_ids.shape[0])
+        return torch.log_softmax(logits, -1).gather(-1, response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
+
+    def _teacher_weights(self, config: TrainingConfig) -> Weights:
+        return {"ema": TEACHER, "base": "base", "current": STUDENT}[config.teacher]
+
+    def _tokenize(self, examples: Sequence[TrainingExample], config: TrainingConfig) -> list[TokenizedExample]:
+        return [
+            tokenize_example(
+                self.tokenizer,
+                example,
+                hindsight_messages(example.messages, example.feedback, config.hindsight_template),
+                append_eos=config.append_eos,
+                max_len=self.model_config.max_model_len,
+            )
+            for example in examples
+        ]
+
+    @torch.no_grad()
+    def _teacher_targets(self, batch: list[TokenizedExample], config: TrainingConfig) -> list[TeacherTopK]:
+        with self._weights(self._teacher_weights(config)):
+            return [
+                teacher_topk(self._response_logits(item.teacher_ids, item.response_ids.shape[0]), config.top_k)
+                for item in batch
+            ]
+
+    @torch.no_grad()
+    def _base_logprobs(self, batch: list[TokenizedExample]) -> list[torch.Tensor]:
+        with self._weights("base"):
+            return [self._chosen_logprobs(item.student_ids, item.response_ids) for item in batch]
+
+    # --- the step ---------------------------------------------------------------------------
+    def step(self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig) -> StepResult:
+        """One SDPO update from a batch of feedback on the same adapter."""
+        started = time.perf_counter()
+        if not examples:
+            raise ValueError("a step needs at least one example")
+        torch.manual_seed(config.seed)
+        batch = self._tokenize(examples, config)
+        self._prepare(state)
+        targets = self._teacher_targets(batch, config)
+        need_base = config.kl_weight > 0 or config.max_kl_to_base is not None
+        base_logprobs = self._base_logprobs(batch) if need_base else [None] * len(batch)
+
+        params = self._slot_params(STUDENT)
+        optimizer = _make_optimizer(params, state.optimizer, config)
+        optimizer.zero_grad(set_to_none=True)
+        total_tokens = sum(item.response_ids.shape[0] for item in batch)
+        sums = {"loss": 0.0, "divergence": 0.0, "kl": 0.0, "ratio": 0.0, "clipped": 0.0}
+        with self._weights(STUDENT):
+            self._peft.train(self._slot_lora is not None and self._slot_lora.dropout > 0)
+            try:
+                for item, target, base in zip(batch, targets, base_logprobs):
+                    out = sdpo_loss(
+                        self._response_logits(item.student_ids, item.response_ids.shape[0]),
+                        item.response_ids.to(self.device),
+                        target,
+                        alpha=config.alpha,
+                        is_clip=config.is_clip,
+                        kl_weight=config.kl_weight,
+                        base_logprobs=base,
+                        sampling_logprobs=None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device),
+                    )
+                    (out.loss_sum / total_tokens).backward()
+                    sums["loss"] += float(out.loss_sum.detach())
+                    sums["divergence"] += out.divergence_sum
+                    sums["kl"] += out.kl_sum
+                    sums["ratio"] += out.ratio_sum
+                    sums["clipped"] += out.clipped_count
+            finally:
+                self._peft.eval()
+
+        metrics = {
+            "loss": sums["loss"] / total_tokens,
+            "divergence": sums["divergence"] / total_tokens,
+            "kl_to_base": sums["kl"] / total_tokens,
+            "is_ratio_mean": sums["ratio"] / total_tokens,
+            "is_clipped_fraction": sums["clipped"] / total_tokens,
+            "tokens": float(total_tokens),
+            "examples": float(len(batch)),
+            "learning_rate": config.learning_rate,
+        }
+        if not math.isfinite(metrics["loss"]):
+            return self._reject(state, metrics, started, "loss is not finite")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm))
+        metrics["grad_norm"] = grad_norm
+        if not math.isfinite(grad_norm):
+            return self._reject(state, metrics, started, "gradient norm is not finite")
+        optimizer.step()
+
+        if config.max_kl_to_base is not None:
+            kl_after = self._kl_to_base(batch, base_logprobs)
+            metrics["kl_to_base_after"] = kl_after
+            if not math.isfinite(kl_after) or kl_after > config.max_kl_to_base:
+                return self._reject(
+                    state, metrics, started,
+                    f"KL to base after the step is {kl_after:.4g} per token, above max_kl_to_base={config.max_kl_to_base}",
+                )
+
+        student = self._read_slot(STUDENT)
+        teacher = {name: tensor.clone() for name, tensor in (state.teacher or state.student).items()}
+        ema_update(teacher, student, config.ema_rate)
+        new_state = AdapterState(
+            lora=state.lora,
+            base_model=state.base_model,
+            student=student,
+            teacher=teacher,
+            optimizer=_optimizer_tensors(params, optimizer),
+        )
+        metrics["step_seconds"] = time.perf_counter() - started
+        return StepResult(accepted=True, state=new_state, metrics=metrics)
+
+    @staticmethod
+    def _reject(state: AdapterState, metrics: dict[str, float], started: float, reason: str) -> StepResult:
+        metrics["step_seconds"] = time.perf_counter() - started
+        return StepResult(accepted=False, state=state, metrics=metrics, reason=reason)
+
+    @torch.no_grad()
+    def _kl_to_base(self, batch: list[TokenizedExample], base_logprobs: list[torch.Tensor]) -> float:
+        total, count = 0.0, 0
+        with self._weights(STUDENT):
+            for item, base in zip(batch, base_logprobs):
+                log_ratio = base - self._chosen_logprobs(item.student_ids, item.response_ids)
+                total += float((torch.exp(log_ratio) - log_ratio - 1.0).sum())
+                count += item.response_ids.shape[0]
+        return total / max(count, 1)
+
+    # --- measurement and sampling (tests, evaluation, benchmarks) ---------------------------
+    @torch.no_grad()
+    def divergence(
+        self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig
+    ) -> float:
+        """Token-mean GJSD between the student and the configured teacher on the given responses."""
+        batch = self._tokenize(examples, config)
+        self._prepare(state)
+        targets = self._teacher_targets(batch, config)
+        total, count = 0.0, 0
+        with self._weights(STUDENT):
+            for item, target in zip(batch, targets):
+                out = sdpo_loss(
+                    self._response_logits(item.student_ids, item.response_ids.shape[0]),
+                    item.response_ids.to(self.device), target, alpha=config.alpha, is_clip=config.is_clip, kl_weight=0.0,
+                )
+                total += out.divergence_sum
+                count += out.token_count
+        return total / count
+
+    @torch.no_grad()
+    def response_logprob(
+        self, state: AdapterState | None, messages: list[ChatMessage], response_ids: list[int]
+    ) -> float:
+        """Summed log-prob of `response_ids` after `messages`, under an adapter (or the base if None)."""
+        prompt = render_prompt_ids(self.tokenizer, messages)
+        ids = torch.tensor(prompt + list(response_ids), dtype=torch.long)
+        response = torch.tensor(list(response_ids), dtype=torch.long)
+        if state is None:
+            self._ensure_slots(self._slot_lora or LoraConfig())
+            with self._weights("base"):
+                return float(self._chosen_logprobs(ids, response).sum())
+        self._prepare(state)
+        with self._weights(STUDENT):
+            return float(self._chosen_logprobs(ids, response).sum())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        state: AdapterState | None,
+        messages: list[ChatMessage],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[str, list[int]]:
+        """Sample a response with an adapter (or the base model); returns its text and token ids."""
+        prompt = torch.tensor([render_prompt_ids(self.tokenizer, messages)], device=self.device)
+        if state is None:
+            self._ensure_slots(self._slot_lora or LoraConfig())
+        else:
+            self._prepare(state)
+        torch.manual_seed(seed)
+        with self._weights("base" if state is None else STUDENT):
+            output = self._peft.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+        ids = output[0, prompt.shape[1]:].tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def _make_optimizer(
+    params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], config: TrainingConfig
+) -> torch.optim.AdamW:
+    """AdamW over the student slot, with moments restored from the adapter's previous version.
+
+    Hyperparameters always come from `config`, never from the saved state, so a changed learning rate
+    takes effect on the next step.
+    """
+    names = sorted(params)
+    optimizer = torch.optim.AdamW(
+        [params[name] for name in names], lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
+    )
+    if saved:
+        state_dict = optimizer.state_dict()
+        state_dict["state"] = {
+            index: {
+                "step": saved[f"{name}::step"].clone(),
+                "exp_avg": saved[f"{name}::exp_avg"].clone(),
+                "exp_avg_sq": saved[f"{name}::exp_avg_sq"].clone(),
+            }
+            for index, name in enumerate(names)
+            if f"{name}::exp_avg" in saved
+        }
+        optimizer.load_state_dict(state_dict)
+    return optimizer
+
+
+def _optimizer_tensors(params: dict[str, torch.nn.Parameter], optimizer: torch.optim.AdamW) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, parameter in params.items():
+        for key, value in optimizer.state.get(parameter, {}).items():
+            tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().to("cpu", torch.float32).clone()
+    return tensors

@@ -1,0 +1,127 @@
+"""AdapterStore on the local filesystem: ids, immutable versions, atomic publish, pointer moves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from claas_ray.adapters import AdapterIdError, AdapterState, LocalAdapterStore, validate_adapter_id
+from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError
+from claas_ray.config import LoraConfig
+
+
+def make_state(value: float = 0.0) -> AdapterState:
+    student = {
+        "base_model.model.layers.0.q_proj.lora_A.weight": torch.full((2, 4), 1.0),
+        "base_model.model.layers.0.q_proj.lora_B.weight": torch.full((4, 2), value),
+    }
+    return AdapterState(
+        lora=LoraConfig(rank=2, alpha=4, target_modules=["q_proj"]),
+        base_model="smollm2-135m",
+        student=student,
+        teacher={k: v.clone() for k, v in student.items()},
+        optimizer={"base_model.model.layers.0.q_proj.lora_A.weight::step": torch.tensor(3.0)},
+    )
+
+
+@pytest.mark.parametrize("good", ["alice", "alice/assistant", "a.b-c_d/x.y", "A9"])
+def test_valid_ids(good):
+    assert validate_adapter_id(good) == good
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "..", "a/..", "../etc", "/abs", "a/b/c", "a b", "a/", "/", "x" * 65, "ü", "a\\b", ".", "a/./"]
+)
+def test_invalid_ids(bad):
+    with pytest.raises(AdapterIdError):
+        validate_adapter_id(bad)
+
+
+def test_create_publish_read_back(tmp_path):
+    store = LocalAdapterStore(tmp_path)
+    meta0 = store.create("alice/assistant", make_state(0.0))
+    assert meta0.version == 0 and store.latest_version("alice/assistant") == 0
+    meta1 = store.publish("alice/assistant", make_state(1.5), parent_version=0, feedback_ids=["fb-1"], metrics={"loss": 0.25})
+    assert meta1.version == 1 and meta1.parent_version == 0
+    state, meta = store.load_state("alice/assistant")
+    assert meta.version == 1 and meta.feedback_ids == ["fb-1"] and meta.metrics == {"loss": 0.25}
+    assert torch.equal(state.student["base_model.model.layers.0.q_proj.lora_B.weight"], torch.full((4, 2), 1.5))
+    assert float(state.optimizer["base_model.model.layers.0.q_proj.lora_A.weight::step"]) == 3.0
+    old, _ = store.load_state("alice/assistant", 0)
+    assert torch.equal(old.student["base_model.model.layers.0.q_proj.lora_B.weight"], torch.zeros(4, 2))
+    # The folder is a loadable PEFT adapter.
+    folder = store.peft_dir("alice/assistant", 1)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 4 and config["peft_type"] == "LORA"
+    assert (folder / "adapter_model.safetensors").is_file()
+    assert set(store.export_files("alice/assistant")) == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_create_twice_conflicts_and_versions_are_immutable(tmp_path):
+    store = LocalAdapterStore(tmp_path)
+    store.create("bob", make_state())
+    with pytest.raises(AdapterExistsError):
+        store.create("bob", make_state())
+    with pytest.raises(AdapterExistsError):
+        store._write_version("bob", 0, {"x": b"y"})
+    assert store.read_files("bob", 0, ["adapter_config.json"])
+
+
+def test_namespaces_never_collide(tmp_path):
+    store = LocalAdapterStore(tmp_path)
+    store.create("alice", make_state(1.0))
+    store.create("alice/versions", make_state(2.0))
+    store.create("alice/latest", make_state(3.0))
+    assert store.list_adapters() == ["alice", "alice/latest", "alice/versions"]
+    assert store.list_adapters(prefix="alice/") == ["alice/latest", "alice/versions"]
+    state, _ = store.load_state("alice")
+    assert float(state.student["base_model.model.layers.0.q_proj.lora_B.weight"][0, 0]) == 1.0
+
+
+def test_interrupted_publish_leaves_nothing_visible(tmp_path, monkeypatch):
+    store = LocalAdapterStore(tmp_path)
+    store.create("carol", make_state())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk gone mid-publish")
+
+    monkeypatch.setattr(os, "rename", crash)  # the commit point of a version
+    with pytest.raises(OSError):
+        store.publish("carol", make_state(9.0), parent_version=0)
+    monkeypatch.undo()
+    assert store.version_numbers("carol") == [0]
+    assert store.latest_version("carol") == 0
+    leftovers = [p for p in (tmp_path / "@" / "carol" / "versions").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    assert store.publish("carol", make_state(9.0), parent_version=0).version == 1
+
+
+def test_rollback_and_delete(tmp_path):
+    store = LocalAdapterStore(tmp_path)
+    store.create("dave", make_state(0.0))
+    store.publish("dave", make_state(1.0), parent_version=0)
+    store.publish("dave", make_state(2.0), parent_version=1)
+    store.rollback("dave", 1)
+    assert store.latest_version("dave") == 1
+    meta = store.publish("dave", make_state(5.0), parent_version=1)
+    assert meta.version == 3 and meta.parent_version == 1  # numbers never reused
+    with pytest.raises(AdapterNotFoundError):
+        store.rollback("dave", 17)
+    assert [m.version for m in store.list_versions("dave")] == [0, 1, 2, 3]
+    assert store.delete("dave") is True
+    assert store.delete("dave") is False
+    assert not store.exists("dave") and store.list_adapters() == []
+    with pytest.raises(AdapterNotFoundError):
+        store.latest_version("dave")
+
+
+def test_state_files_contain_no_pickles(tmp_path):
+    files = make_state().to_files()
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "teacher.safetensors", "optimizer.safetensors"}
+    for name, data in files.items():
+        assert not data.startswith(b"\x80"), f"{name} looks like a pickle"
+    again = AdapterState.from_files(files)
+    assert again.lora == make_state().lora

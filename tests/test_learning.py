@@ -1,0 +1,67 @@
+"""SDPO really teaches: on the embedded model, repeated feedback moves the student toward the teacher."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from claas_ray.config import LoraConfig, TrainingConfig
+from claas_ray.training import ChatMessage, TrainingExample
+from claas_ray.training.teacher import hindsight_messages
+
+pytestmark = pytest.mark.slow
+
+CASES = [
+    ("Tell me about your favourite season of the year.", "Answer only in French."),
+    ("Who are you?", "Your name is Kuro. Always introduce yourself as Kuro."),
+]
+
+
+def base_fingerprint(trainer) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trainer.base.state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(name.replace(".base_layer", "").encode())  # PEFT wraps layers, renaming them
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("prompt,feedback", CASES, ids=["french", "identity"])
+def test_feedback_moves_student_toward_teacher(trainer, prompt, feedback):
+    config = TrainingConfig()
+    measure = config.model_copy(update={"teacher": "base"})  # fixed yardstick: the hindsight teacher at v0
+    messages = [ChatMessage(role="user", content=prompt)]
+    fingerprint = base_fingerprint(trainer)
+    base_logprob_probe = None
+
+    state = trainer.init_adapter(LoraConfig(), seed=1)
+    first_text, first_ids = trainer.generate(state, messages, max_new_tokens=48)
+    probe = TrainingExample(messages=messages, response_text=first_text, response_token_ids=first_ids, feedback=feedback)
+    teacher_text, teacher_ids = trainer.generate(None, hindsight_messages(messages, feedback, config.hindsight_template), 48)
+
+    divergence_before = trainer.divergence(state, [probe], measure)
+    teacher_logprob_before = trainer.response_logprob(state, messages, teacher_ids)
+    base_logprob_probe = trainer.response_logprob(None, messages, teacher_ids)
+    assert teacher_logprob_before == pytest.approx(base_logprob_probe, abs=1e-3)  # v0 is zero-effect
+
+    history = []
+    for step in range(8):
+        text, ids = trainer.generate(state, messages, max_new_tokens=48)  # on-policy, as served
+        example = TrainingExample(messages=messages, response_text=text, response_token_ids=ids, feedback=feedback)
+        result = trainer.step(state, [example], config)
+        assert result.accepted, result.reason
+        state = result.state
+        history.append((step, round(result.metrics["divergence"], 4), text[:60]))
+
+    divergence_after = trainer.divergence(state, [probe], measure)
+    teacher_logprob_after = trainer.response_logprob(state, messages, teacher_ids)
+    report = f"teacher said {teacher_text!r}; history {history}; divergence {divergence_before:.4f} -> {divergence_after:.4f}; teacher logprob {teacher_logprob_before:.2f} -> {teacher_logprob_after:.2f}"
+    print(report)
+    assert divergence_after <= 0.7 * divergence_before, report
+    assert teacher_logprob_after > teacher_logprob_before, report
+    # The base model is untouched: bit-identical weights, identical base scoring.
+    assert base_fingerprint(trainer) == fingerprint
+    assert trainer.response_logprob(None, messages, teacher_ids) == base_logprob_probe

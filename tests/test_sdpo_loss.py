@@ -1,0 +1,170 @@
+"""The SDPO loss against an independent, loop-by-loop NumPy computation of the same formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from claas_ray.training.sdpo_loss import generalized_jsd, sdpo_loss, teacher_topk
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> float:
+    return float(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0))
+
+
+def reference_loss(student_logits, teacher_logits, response, k, alpha, is_clip, kl_weight, base_lp, sample_lp, mask):
+    """Straight from the definition, one position at a time, in float64."""
+    total, count = 0.0, 0
+    for t in range(student_logits.shape[0]):
+        ps = softmax(student_logits[t].astype(np.float64))
+        pt = softmax(teacher_logits[t].astype(np.float64))
+        top = np.argsort(-pt, kind="stable")[:k]
+        s = np.append(ps[top], max(1.0 - ps[top].sum(), 1e-12))
+        q = np.append(pt[top], max(1.0 - pt[top].sum(), 1e-12))
+        if alpha == 0:
+            div = kl(q, s)
+        elif alpha == 1:
+            div = kl(s, q)
+        else:
+            m = alpha * q + (1 - alpha) * s
+            div = alpha * kl(q, m) + (1 - alpha) * kl(s, m)
+        chosen = math.log(ps[response[t]])
+        ratio = 1.0 if sample_lp is None else min(math.exp(chosen - sample_lp[t]), is_clip)
+        value = ratio * div
+        if base_lp is not None:
+            r = base_lp[t] - chosen
+            value += kl_weight * (math.exp(r) - r - 1)
+        if mask[t]:
+            total += value
+            count += 1
+    return total / count
+
+
+@pytest.fixture
+def tensors():
+    rng = np.random.default_rng(7)
+    T, V = 5, 11
+    student = rng.normal(size=(T, V)).astype(np.float32) * 2
+    teacher = rng.normal(size=(T, V)).astype(np.float32) * 2
+    response = rng.integers(0, V, size=T)
+    base = np.log(np.array([softmax(row.astype(np.float64))[tok] for row, tok in zip(rng.normal(size=(T, V)), response)]))
+    return student, teacher, response, base
+
+
+def run(student, teacher, response, *, k, alpha, is_clip=2.0, kl_weight=0.0, base=None, sample=None, mask=None):
+    mask = np.ones(len(response), dtype=bool) if mask is None else mask
+    out = sdpo_loss(
+        torch.tensor(student),
+        torch.tensor(response),
+        teacher_topk(torch.tensor(teacher), k),
+        alpha=alpha,
+        is_clip=is_clip,
+        kl_weight=kl_weight,
+        base_logprobs=None if base is None else torch.tensor(base, dtype=torch.float32),
+        sampling_logprobs=None if sample is None else torch.tensor(sample, dtype=torch.float32),
+        mask=torch.tensor(mask),
+    )
+    got = float(out.loss_sum) / out.token_count
+    want = reference_loss(student, teacher, response, k, alpha, is_clip, kl_weight, base, sample, mask)
+    return got, want, out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.25])
+@pytest.mark.parametrize("k", [3, 11])
+def test_divergence_matches_reference(tensors, alpha, k):
+    student, teacher, response, _ = tensors
+    got, want, _ = run(student, teacher, response, k=k, alpha=alpha)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert got > 0
+
+
+def test_forward_and_reverse_kl_differ(tensors):
+    student, teacher, response, _ = tensors
+    forward, _, _ = run(student, teacher, response, k=4, alpha=0.0)
+    reverse, _, _ = run(student, teacher, response, k=4, alpha=1.0)
+    assert forward != pytest.approx(reverse, rel=1e-3)
+
+
+def test_tail_bucket_carries_the_missing_mass():
+    # Student puts most mass outside the teacher's top-2: without a tail bucket this would look close.
+    teacher = torch.tensor([[5.0, 4.0, -5.0, -5.0]])
+    student = torch.tensor([[-5.0, -5.0, 5.0, 5.0]])
+    target = teacher_topk(teacher, 2)
+    buckets = target.buckets().exp()
+    assert float(buckets.sum()) == pytest.approx(1.0, abs=1e-6)
+    out = sdpo_loss(student, torch.tensor([2]), target, alpha=0.5, is_clip=2.0, kl_weight=0.0)
+    assert out.divergence_sum > 0.5  # near the JSD maximum ln 2 ~ 0.69
+
+
+def test_identical_distributions_have_zero_divergence(tensors):
+    student, _, response, _ = tensors
+    for alpha in (0.0, 0.5, 1.0):
+        got, _, _ = run(student, student, response, k=4, alpha=alpha)
+        assert got == pytest.approx(0.0, abs=1e-6)
+
+
+def test_importance_ratio_inactive_and_active(tensors):
+    student, teacher, response, _ = tensors
+    lp = torch.log_softmax(torch.tensor(student, dtype=torch.float64), -1)
+    chosen = lp[torch.arange(len(response)), torch.tensor(response)].numpy()
+    # Sampler slightly more likely than the student now: ratios below the clip.
+    inactive, want, out = run(student, teacher, response, k=4, alpha=0.5, sample=chosen + 0.3)
+    assert inactive == pytest.approx(want, rel=1e-4)
+    assert out.clipped_count == 0
+    assert out.ratio_sum / out.token_count == pytest.approx(math.exp(-0.3), rel=1e-4)
+    # Sampler far less likely: every ratio clipped to is_clip.
+    active, want, out = run(student, teacher, response, k=4, alpha=0.5, sample=chosen - 5.0, is_clip=2.0)
+    assert active == pytest.approx(want, rel=1e-4)
+    assert out.clipped_count == len(response)
+    plain, _, _ = run(student, teacher, response, k=4, alpha=0.5)
+    assert active == pytest.approx(2.0 * plain, rel=1e-4)
+
+
+def test_importance_ratio_is_a_weight_not_a_gradient_path(tensors):
+    student, teacher, response, _ = tensors
+    target = teacher_topk(torch.tensor(teacher), 4)
+
+    def grad(sample):
+        logits = torch.tensor(student, requires_grad=True)
+        out = sdpo_loss(logits, torch.tensor(response), target, alpha=0.5, is_clip=2.0, kl_weight=0.0,
+                        sampling_logprobs=sample)
+        out.loss_sum.backward()
+        return logits.grad
+
+    clipped = grad(torch.full((len(response),), -50.0))
+    unweighted = grad(None)
+    assert torch.allclose(clipped, 2.0 * unweighted, atol=1e-6)
+
+
+def test_kl_leash_to_base(tensors):
+    student, teacher, response, base = tensors
+    got, want, out = run(student, teacher, response, k=4, alpha=0.5, kl_weight=0.3, base=base)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert out.kl_sum > 0
+    without, _, _ = run(student, teacher, response, k=4, alpha=0.5)
+    assert got == pytest.approx(without + 0.3 * out.kl_sum / out.token_count, rel=1e-4)
+
+
+def test_mask_excludes_tokens(tensors):
+    student, teacher, response, base = tensors
+    mask = np.array([True, False, True, False, True])
+    got, want, out = run(student, teacher, response, k=4, alpha=0.5, kl_weight=0.1, base=base, mask=mask)
+    assert out.token_count == 3
+    assert got == pytest.approx(want, rel=1e-4)
+    full, _, _ = run(student, teacher, response, k=4, alpha=0.5, kl_weight=0.1, base=base)
+    assert got != pytest.approx(full, rel=1e-3)
+
+
+def test_generalized_jsd_is_symmetric_at_one_half():
+    a = torch.log_softmax(torch.tensor([[1.0, 2.0, 0.5]]), -1)
+    b = torch.log_softmax(torch.tensor([[0.1, -1.0, 3.0]]), -1)
+    assert float(generalized_jsd(a, b, 0.5)) == pytest.approx(float(generalized_jsd(b, a, 0.5)), rel=1e-6)
+    assert float(generalized_jsd(a, b, 0.5)) <= math.log(2) + 1e-6
