@@ -20,9 +20,9 @@ FEEDBACK = "Answer only in French."
 def _measure(variant: str, steps: int, response_tokens: int, queue) -> None:
     import torch
 
+    from claas_ray.chat import render_prompt_ids
     from claas_ray.config import LoraConfig, ModelConfig, TrainingConfig
     from claas_ray.training import ChatMessage, SDPOTrainer, TrainingExample
-    from claas_ray.training.example import render_prompt_ids
     from claas_ray.training.step import STUDENT, _make_optimizer
 
     torch.manual_seed(0)

@@ -26,9 +26,22 @@ def _models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deployments.launch import DEFAULT_CONFIG, serve_config
+
+    serve_config(args.config or DEFAULT_CONFIG, address=args.address, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="claas-ray", description="Continual Learning as a Service on Ray Serve.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start Ray locally if needed and run the app from a serve YAML")
+    serve.add_argument("--config", help="serve YAML (default: configs/local.yaml, the embedded CPU model)")
+    serve.add_argument("--address", help="Ray address to join; 'local' starts a new cluster (default: auto)")
+    serve.add_argument("--port", type=int, help="HTTP port, overriding the YAML's http_options.port")
+    serve.set_defaults(handler=_serve)
 
     models = commands.add_parser("models", help="base models: list the registry, pull one for offline use")
     model_commands = models.add_subparsers(dest="models_command", required=True)

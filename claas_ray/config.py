@@ -70,7 +70,7 @@ class TrainingConfig(StrictModel):
     seed: int = Field(0, description="Seed for dropout and any sampling inside a step.")
 
     @model_validator(mode="after")
-    def _template_has_feedback(self) -> "TrainingConfig":
+    def _template_has_feedback(self) -> TrainingConfig:
         if "{feedback}" not in self.hindsight_template:
             raise ValueError("training.hindsight_template must contain '{feedback}'")
         return self
@@ -102,6 +102,47 @@ class StoreConfig(StrictModel):
         return Path(os.path.expanduser(self.root))
 
 
+class ServingConfig(StrictModel):
+    """The vLLM inference deployment."""
+
+    served_model_name: str | None = Field(
+        None, description="Name of the base model in the API; defaults to model.base_model."
+    )
+    num_replicas: int = Field(1, ge=1, le=64, description="Inference replicas (each one vLLM engine).")
+    replica_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per inference replica.")
+    replica_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per inference replica.")
+    max_loras: int = Field(4, ge=1, description="Adapters that may appear in one vLLM batch.")
+    max_cpu_loras: int = Field(16, ge=1, description="Adapter versions kept loaded per replica (LRU).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM memory share; on the CPU build, the share of RAM reserved."
+    )
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="Explicit KV-cache size per replica; None lets vLLM size it from the share above."
+    )
+    enforce_eager: bool = Field(True, description="Skip graph capture: faster start, fine on the CPU.")
+    max_num_seqs: int = Field(16, ge=1, description="Concurrent sequences per engine.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Serving dtype.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM AsyncEngineArgs, passed through as they are."
+    )
+
+    @model_validator(mode="after")
+    def _lora_cache_holds_a_batch(self) -> "ServingConfig":
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("serving.max_cpu_loras must be >= serving.max_loras")
+        return self
+
+
+class RouterConfig(StrictModel):
+    """The HTTP ingress."""
+
+    completion_log_size: int = Field(
+        10000, ge=1, description="Completion records kept for feedback by completion id (oldest dropped)."
+    )
+    request_timeout_s: float = Field(300.0, gt=0, description="Longest a generation may take.")
+
+
 class ClaasConfig(StrictModel):
     """The whole configuration tree."""
 
@@ -109,6 +150,25 @@ class ClaasConfig(StrictModel):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    state_dir: str = Field(
+        "~/.cache/claas-ray/state", description="Router and trainer state: completion log, feedback journal."
+    )
+
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> "ClaasConfig":
+        if self.lora.rank > self.serving.max_lora_rank:
+            raise ValueError("lora.rank must be <= serving.max_lora_rank, or vLLM cannot load new adapters")
+        return self
+
+    def served_model_name(self) -> str:
+        return self.serving.served_model_name or self.model.base_model
+
+    def state_path(self) -> Path:
+        path = Path(os.path.expanduser(self.state_dir))
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
 
 class ConfigError(ValueError):

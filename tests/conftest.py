@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray socket on 127.0.0.1
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # the cluster and every client (serve, ray job) agree on token auth
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -18,3 +19,120 @@ def trainer():
     from claas_ray.training import SDPOTrainer
 
     return SDPOTrainer(ModelConfig())
+
+
+# --- a real local Ray cluster and the real app, once per session -------------------------------
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+class RayCluster:
+    """`ray start --head` from the venv, on loopback only, with ports of its own."""
+
+    def __init__(self, workdir: Path, num_cpus: int = 4):
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+        self.workdir = workdir
+        subprocess.run(
+            [str(VENV_BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
+             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+             "--disable-usage-stats"],
+            check=True, env=self.env, cwd=ROOT, capture_output=True, timeout=120,
+        )
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        env = dict(self.env, RAY_ADDRESS=self.address)
+        return subprocess.run(list(args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=check)
+
+    def stop(self) -> None:
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+
+
+def write_serve_config(source: Path, target: Path, port: int, overrides: dict) -> Path:
+    """A copy of a shipped serve YAML with the test's port and folders, and nothing else changed."""
+    spec = yaml.safe_load(source.read_text())
+    spec["http_options"]["port"] = port
+    args = spec["applications"][0]["args"]
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            args.setdefault(section, {}).update(values)
+        else:
+            args[section] = values
+    target.write_text(yaml.safe_dump(spec))
+    return target
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    cluster = RayCluster(tmp_path_factory.mktemp("ray"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def app(ray_cluster, tmp_path_factory):
+    """configs/local.yaml deployed with `serve deploy` on the session cluster, with 2 inference replicas."""
+    workdir = tmp_path_factory.mktemp("app")
+    port = free_port()
+    config = write_serve_config(
+        ROOT / "configs" / "local.yaml", workdir / "serve.yaml", port,
+        {
+            "serving": {"num_replicas": 2, "replica_num_cpus": 1},
+            "store": {"root": str(workdir / "adapters")},
+            "state_dir": str(workdir / "state"),
+        },
+    )
+    ray_cluster.run(str(VENV_BIN / "serve"), "deploy", str(config), "--address", ray_cluster.dashboard)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base_url}/health", timeout=420)
+    except TimeoutError:
+        status = ray_cluster.run(str(VENV_BIN / "serve"), "status", "--address", ray_cluster.dashboard, check=False)
+        pytest.fail(f"the app did not come up:\n{status.stdout}\n{status.stderr}")
+    yield AppHandle(base_url=base_url, config_path=config, workdir=workdir, cluster=ray_cluster)
+
+
+class AppHandle:
+    def __init__(self, base_url: str, config_path: Path, workdir: Path, cluster: RayCluster):
+        self.base_url = base_url
+        self.config_path = config_path
+        self.workdir = workdir
+        self.cluster = cluster
+        self.store_root = workdir / "adapters"
+        self.state_dir = workdir / "state"
+
+    def openai(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=300)

@@ -53,7 +53,7 @@ def test_optimizer_state_persists_and_learning_rate_is_honoured(trainer):
     assert {float(v) for k, v in two.optimizer.items() if k.endswith("::step")} == {2.0}
     # Same state and data, a 10x smaller learning rate: a visibly smaller update (CLaaS ignored it).
     small = trainer.step(one, [EXAMPLE], TrainingConfig(learning_rate=1e-4)).state
-    delta = lambda new: sum(float((new.student[k] - one.student[k]).abs().sum()) for k in one.student)  # noqa: E731
+    delta = lambda new: sum(float((new.student[k] - one.student[k]).abs().sum()) for k in one.student)
     assert delta(small) < 0.2 * delta(two)
 
 

@@ -70,7 +70,7 @@ class AdapterState:
         return files
 
     @classmethod
-    def from_files(cls, files: dict[str, bytes]) -> "AdapterState":
+    def from_files(cls, files: dict[str, bytes]) -> AdapterState:
         config = json.loads(files[ADAPTER_CONFIG])
         lora = LoraConfig(
             rank=config["r"],

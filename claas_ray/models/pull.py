@@ -9,8 +9,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from claas_ray.models.registry import REGISTRY, local_model_dir
 

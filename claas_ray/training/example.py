@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
+from claas_ray.chat import ChatMessage, render_prompt_ids
 
 
 class TrainingExample(BaseModel):
@@ -33,7 +27,7 @@ class TrainingExample(BaseModel):
     feedback_id: str | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainingExample":
+    def _consistent(self) -> TrainingExample:
         if self.response_token_ids is None and not self.response_text:
             raise ValueError("a training example needs response_text or response_token_ids")
         if self.response_token_ids is not None and len(self.response_token_ids) == 0:
@@ -70,18 +64,6 @@ class TokenizedExample:
 
 class ExampleTooLongError(ValueError):
     """Prompt plus response do not fit the model's context."""
-
-
-def render_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Token ids of the chat-templated prompt, ending where the assistant's answer begins.
-
-    Rendered to text and then tokenised without extra special tokens, the way the serving engine does,
-    so the trainer's student context is the context the response was sampled in.
-    """
-    text = tokenizer.apply_chat_template(
-        [message.model_dump() for message in messages], add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def response_ids_for(tokenizer, example: TrainingExample, append_eos: bool) -> list[int]:

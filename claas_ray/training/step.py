@@ -18,15 +18,10 @@ from typing import Literal
 import torch
 
 from claas_ray.adapters.state import AdapterState
+from claas_ray.chat import ChatMessage, render_prompt_ids
 from claas_ray.config import LoraConfig, ModelConfig, TrainingConfig
 from claas_ray.models.registry import resolve_model_path
-from claas_ray.training.example import (
-    ChatMessage,
-    TokenizedExample,
-    TrainingExample,
-    render_prompt_ids,
-    tokenize_example,
-)
+from claas_ray.training.example import TokenizedExample, TrainingExample, tokenize_example
 from claas_ray.training.sdpo_loss import TeacherTopK, sdpo_loss, teacher_topk
 from claas_ray.training.teacher import ema_update, hindsight_messages
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from claas_ray.training.example import ChatMessage
+from claas_ray.chat import ChatMessage
 
 
 def hindsight_messages(messages: Sequence[ChatMessage], feedback: str, template: str) -> list[ChatMessage]:

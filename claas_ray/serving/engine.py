@@ -1,0 +1,151 @@
+"""`InferenceEngine`: vLLM's AsyncLLM with per-version LoRA requests, speaking our generation protocol.
+
+No Ray here: the Serve deployment wraps this class, and tests or benchmarks can use it bare.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from claas_ray.adapters.store import AdapterStore
+from claas_ray.chat import render_prompt_ids
+from claas_ray.config import ClaasConfig
+from claas_ray.models.registry import resolve_model_path
+from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest, TokenLogprob
+from claas_ray.serving.lora_versions import LoraVersions
+
+logger = logging.getLogger(__name__)
+
+
+def engine_args(config: ClaasConfig):
+    """AsyncEngineArgs from our config: the one place our knobs meet vLLM's."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    serving = config.serving
+    kwargs = dict(
+        model=resolve_model_path(config.model.base_model),
+        served_model_name=config.served_model_name(),
+        enable_lora=True,
+        max_loras=serving.max_loras,
+        max_cpu_loras=serving.max_cpu_loras,
+        max_lora_rank=serving.max_lora_rank,
+        max_model_len=config.model.max_model_len,
+        gpu_memory_utilization=serving.gpu_memory_utilization,
+        enforce_eager=serving.enforce_eager,
+        max_num_seqs=serving.max_num_seqs,
+        dtype=serving.dtype,
+        disable_log_stats=True,
+    )
+    if serving.kv_cache_memory_gb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(serving.kv_cache_memory_gb * 2**30)
+    kwargs.update(serving.engine_kwargs)
+    return AsyncEngineArgs(**kwargs)
+
+
+class InferenceEngine:
+    """One vLLM engine plus the adapter versions it can serve."""
+
+    def __init__(self, config: ClaasConfig, store: AdapterStore, replica: str = "local"):
+        # vLLM's engine <-> worker queues otherwise bind to the machine's external address.
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config = config
+        self.replica = replica
+        self.store = store
+        self.llm = AsyncLLM.from_engine_args(engine_args(config))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.loras = LoraVersions(store.peft_dir, capacity=max(1024, config.serving.max_cpu_loras))
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            return render_prompt_ids(self.tokenizer, request.messages)
+        return list(self.tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+
+    def _sampling_params(self, request: GenerationRequest, max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logprobs=request.top_logprobs,  # 0 still returns the sampled token's log-prob, which feedback needs
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
+        """Stream deltas; a request that cannot run yields one GenerationError and nothing else."""
+        prompt_ids = self._prompt_ids(request)
+        limit = self.config.model.max_model_len
+        room = limit - len(prompt_ids)
+        if room <= 0:
+            yield GenerationError(
+                status_code=400, param="messages",
+                message=f"the prompt is {len(prompt_ids)} tokens; this model's maximum context length is {limit} tokens",
+            )
+            return
+        max_tokens = request.max_tokens if request.max_tokens is not None else room
+        if max_tokens > room:
+            yield GenerationError(
+                status_code=400, param="max_tokens",
+                message=f"max_tokens={max_tokens} plus a {len(prompt_ids)}-token prompt exceeds this model's "
+                f"maximum context length of {limit} tokens",
+            )
+            return
+        lora = None
+        if request.adapter_id is not None and request.adapter_version is not None:
+            try:
+                lora = self.loras.request_for(request.adapter_id, request.adapter_version)
+            except FileNotFoundError as exc:
+                yield GenerationError(status_code=404, param="model", message=str(exc))
+                return
+
+        async for output in self.llm.generate(
+            {"prompt_token_ids": prompt_ids},
+            self._sampling_params(request, max_tokens),
+            request.request_id,
+            lora_request=lora,
+        ):
+            completion = output.outputs[0]
+            finish = None
+            if output.finished:
+                finish = "length" if completion.finish_reason == "length" else "stop"
+            yield GenerationDelta(
+                text=completion.text,
+                token_ids=list(completion.token_ids),
+                logprobs=self._logprobs(completion, request.top_logprobs),
+                finish_reason=finish,
+                prompt_token_ids=prompt_ids if output.finished else None,
+                replica=self.replica,
+                adapter_version=request.adapter_version,
+            )
+
+    @staticmethod
+    def _logprobs(completion, top_k: int) -> list[TokenLogprob]:
+        """The sampled token's log-prob always; the top-k alternatives only when asked for."""
+        if not completion.logprobs:
+            return []
+        result = []
+        for token_id, entries in zip(completion.token_ids, completion.logprobs):
+            chosen = entries[token_id]
+            top = sorted(
+                ((entry.decoded_token or "", entry.logprob) for entry in entries.values() if entry.rank <= top_k),
+                key=lambda item: -item[1],
+            )
+            result.append(
+                TokenLogprob(token_id=token_id, token=chosen.decoded_token or "", logprob=chosen.logprob, top=top)
+            )
+        return result
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -1,0 +1,52 @@
+"""Which LoRA request serves which adapter version on one replica.
+
+Every (adapter id, version) gets its own vLLM `lora_int_id` and name. vLLM keys its prefix cache and its
+adapter cache by these, so a new version can never reuse KV blocks or weights of an older one, and a
+request in flight keeps the version it started with while newer requests get the new one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from vllm.lora.request import LoRARequest
+
+
+class LoraVersions:
+    """A bounded map (adapter id, version) -> LoRARequest, with paths from a resolver."""
+
+    def __init__(self, resolve_path: Callable[[str, int], Path], capacity: int = 1024):
+        self._resolve_path = resolve_path
+        self._capacity = capacity
+        self._requests: OrderedDict[tuple[str, int], LoRARequest] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._paths: dict[tuple[str, int], Path] = {}
+
+    def register_path(self, adapter_id: str, version: int, path: Path) -> None:
+        """Use a path the replica materialised itself (e.g. tensors from the object store)."""
+        self._paths[(adapter_id, version)] = path
+        self._requests.pop((adapter_id, version), None)
+
+    def request_for(self, adapter_id: str, version: int) -> LoRARequest:
+        key = (adapter_id, version)
+        request = self._requests.get(key)
+        if request is None:
+            path = self._paths.get(key) or self._resolve_path(adapter_id, version)
+            request = LoRARequest(lora_name=f"{adapter_id}@{version}", lora_int_id=next(self._ids), lora_path=str(path))
+            self._requests[key] = request
+            while len(self._requests) > self._capacity:
+                old_key, _ = self._requests.popitem(last=False)
+                self._paths.pop(old_key, None)
+        else:
+            self._requests.move_to_end(key)
+        return request
+
+    def known_versions(self) -> dict[str, int]:
+        """Newest version per adapter this replica has served or been given."""
+        newest: dict[str, int] = {}
+        for adapter_id, version in list(self._requests) + list(self._paths):
+            newest[adapter_id] = max(version, newest.get(adapter_id, -1))
+        return newest

@@ -1,0 +1,55 @@
+"""`claas-ray serve`: start (or join) Ray and run the applications of a serve YAML, like `serve run`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
+
+
+def import_builder(import_path: str):
+    """`module:attr` or `module.attr`, as serve YAMLs write it."""
+    module_name, attribute = import_path.split(":", 1) if ":" in import_path else import_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def serve_config(path: str | Path, address: str | None = None, port: int | None = None, block: bool = True) -> list[str]:
+    """Deploy every application in a serve YAML; returns the URLs, and blocks until Ctrl-C if asked."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the dashboard API and jobs need a token
+    import ray
+    from ray import serve
+
+    spec: dict[str, Any] = yaml.safe_load(Path(path).read_text())
+    http_options = dict(spec.get("http_options") or {})
+    if port is not None:
+        http_options["port"] = port
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+    serve.start(proxy_location=spec.get("proxy_location", "HeadOnly"), http_options=http_options)
+    host, listen = http_options.get("host", "127.0.0.1"), http_options.get("port", 8000)
+    urls = []
+    for application in spec["applications"]:
+        builder = import_builder(application["import_path"])
+        route = application.get("route_prefix", "/")
+        serve.run(builder(application.get("args") or {}), name=application["name"], route_prefix=route, blocking=False)
+        urls.append(f"http://{host}:{listen}{route.rstrip('/')}/v1")
+    for url in urls:
+        print(f"claas-ray is serving an OpenAI-compatible API at {url}", flush=True)
+    if block:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
+    return urls

@@ -1,0 +1,121 @@
+"""The router: the only HTTP ingress. Thin FastAPI routes over `OpenAIServing`; errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from claas_ray.adapters.store import open_store
+from claas_ray.config import ClaasConfig
+from claas_ray.protocol.generation import GenerationRequest
+from claas_ray.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from claas_ray.serving.completion_log import CompletionLog
+from claas_ray.serving.metrics import ServingMetrics
+from claas_ray.serving.openai_serving import OpenAIServing, Served
+
+app = FastAPI(title="claas-ray", description="OpenAI-compatible serving with per-user LoRA adapters trained by SDPO.")
+
+
+def error_json(error: ErrorResponse, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.model_dump(), status_code=error.status_code, headers=headers)
+
+
+def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter from pydantic's error list."""
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON", None
+    if first.get("type") == "missing":
+        return f"Missing required parameter: '{param}'", param
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    return (f"Invalid value for '{param}': {message}" if param else message), param
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = _describe(list(exc.errors()))
+    return error_json(ErrorResponse.make(400, message, param))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_json(ErrorResponse.make(exc.status_code, str(exc.detail)))
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_json(ErrorResponse.make(500, f"internal error: {type(exc).__name__}"))
+
+
+def to_http(result: Served | ErrorResponse) -> Response:
+    if isinstance(result, ErrorResponse):
+        return error_json(result)
+    if isinstance(result.body, ErrorResponse):
+        return error_json(result.body, result.headers)
+    if hasattr(result.body, "model_dump"):
+        return JSONResponse(result.body.model_dump(exclude_none=True), headers=result.headers)
+    return StreamingResponse(result.body, media_type="text/event-stream", headers=result.headers)
+
+
+@serve.deployment(name="router", max_ongoing_requests=256)
+@serve.ingress(app)
+class Router:
+    def __init__(self, config: dict[str, Any], inference: DeploymentHandle):
+        self.config = ClaasConfig.model_validate(config)
+        self.store = open_store(self.config.store)
+        self.metrics = ServingMetrics()
+        self.completions = CompletionLog(
+            self.config.state_path() / "completions.sqlite", self.config.router.completion_log_size
+        )
+        # A streaming handle is expensive to configure: make it once.
+        self._inference_stream = inference.options(stream=True)
+        self.openai = OpenAIServing(self.config, self.store, self.completions, self._generate, self.metrics)
+
+    def _generate(self, request: GenerationRequest):
+        return self._inference_stream.generate.remote(request)
+
+    async def _timed(self, endpoint: str, model: str, result: Served | ErrorResponse, started: float) -> Response:
+        status = result.status_code if isinstance(result, ErrorResponse) else 200
+        self.metrics.observe(endpoint, model, status, time.perf_counter() - started)
+        return to_http(result)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: ChatCompletionRequest) -> Response:
+        started = time.perf_counter()
+        return await self._timed("chat", request.model, await self.openai.chat(request), started)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: CompletionRequest) -> Response:
+        started = time.perf_counter()
+        return await self._timed("completions", request.model, await self.openai.completion(request), started)
+
+    @app.get("/v1/models")
+    async def models(self) -> Response:
+        return JSONResponse(self.openai.list_models().model_dump())
+
+    @app.get("/v1/models/{model:path}")
+    async def model(self, model: str) -> Response:
+        for card in self.openai.list_models().data:
+            if card.id == model:
+                return JSONResponse(card.model_dump())
+        return error_json(ErrorResponse.make(404, f"The model '{model}' does not exist", "model", "model_not_found"))
+
+    @app.get("/health")
+    @app.get("/v1/health")
+    async def health(self) -> Response:
+        return JSONResponse({"status": "ok", "model": self.openai.base_name})
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
