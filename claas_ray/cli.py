@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -33,6 +35,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from claas_ray.jobs.replay import replay
+
+    summary = replay(Path(args.file), args.url, args.lora_id, args.api_key, args.timeout, init=args.init)
+    print(json.dumps(summary))
+    return 0 if summary["outcomes"].keys() <= {"applied"} else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="claas-ray", description="Continual Learning as a Service on Ray Serve.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="Ray address to join; 'local' starts a new cluster (default: auto)")
     serve.add_argument("--port", type=int, help="HTTP port, overriding the YAML's http_options.port")
     serve.set_defaults(handler=_serve)
+
+    replay = commands.add_parser("replay", help="send feedback from a JSONL file through the API and wait")
+    replay.add_argument("file", help="JSONL, one feedback item per line")
+    replay.add_argument("--lora-id", help="adapter to train (fills or overrides each line's lora_id)")
+    replay.add_argument("--url", default=os.environ.get("CLAAS_RAY_URL", "http://127.0.0.1:8000"), help="claas-ray endpoint")
+    replay.add_argument("--api-key", default=os.environ.get("CLAAS_RAY_API_KEY"), help="bearer token, if auth is on")
+    replay.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each item")
+    replay.add_argument("--init", action="store_true", help="create the adapter first if it does not exist")
+    replay.set_defaults(handler=_replay)
 
     models = commands.add_parser("models", help="base models: list the registry, pull one for offline use")
     model_commands = models.add_subparsers(dest="models_command", required=True)

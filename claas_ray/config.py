@@ -134,6 +134,24 @@ class ServingConfig(StrictModel):
         return self
 
 
+class TrainerConfig(StrictModel):
+    """The trainer deployment and how it shares devices with inference."""
+
+    backend: Literal["local"] = Field("local", description="Where SDPO steps run.")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the trainer.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for the trainer (fractional to share a device).")
+    max_batch_items: int = Field(8, ge=1, le=256, description="Most feedback items of one adapter in one step.")
+    max_pending_per_adapter: int = Field(64, ge=1, description="Queued items per adapter before 429.")
+    colocation: Literal["none", "sleep"] = Field(
+        "none", description="`sleep`: put vLLM to sleep while a step runs (one shared GPU); `none` on the CPU."
+    )
+    sleep_level: Literal[1, 2] = Field(1, description="vLLM sleep level while the trainer steps.")
+    sleep_timeout_s: float = Field(60.0, gt=0, description="Longest wait for replicas to sleep or wake.")
+    broadcast_timeout_s: float = Field(60.0, gt=0, description="Longest wait for replicas to load a version.")
+    poll_timeout_s: float = Field(10.0, gt=0, description="Long-poll period of the replicas' adapter feed.")
+    tmpfs_dir: str = Field("/dev/shm/claas-ray", description="Where replicas materialise broadcast versions.")
+
+
 class RouterConfig(StrictModel):
     """The HTTP ingress."""
 
@@ -141,6 +159,7 @@ class RouterConfig(StrictModel):
         10000, ge=1, description="Completion records kept for feedback by completion id (oldest dropped)."
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a generation may take.")
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="Largest request body (adapter imports too).")
 
 
 class ClaasConfig(StrictModel):
@@ -151,10 +170,19 @@ class ClaasConfig(StrictModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     state_dir: str = Field(
         "~/.cache/claas-ray/state", description="Router and trainer state: completion log, feedback journal."
     )
+
+    @model_validator(mode="after")
+    def _colocation_needs_a_shared_gpu(self) -> "ClaasConfig":
+        if self.trainer.colocation == "sleep" and not (0 < self.trainer.num_gpus < 1 and 0 < self.serving.replica_num_gpus < 1):
+            raise ValueError(
+                "trainer.colocation=sleep shares one GPU: set trainer.num_gpus and serving.replica_num_gpus to fractions"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> "ClaasConfig":

@@ -10,7 +10,9 @@ from ray.serve import Application
 from claas_ray.config import ClaasConfig, load_config
 from claas_ray.models.registry import resolve_model_path
 from deployments.inference import InferenceDeployment
+from deployments.placement import inference_options, router_options, trainer_options
 from deployments.router import Router
+from deployments.trainer import TrainerDeployment
 
 logger = logging.getLogger(__name__)
 
@@ -20,13 +22,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config: ClaasConfig = load_config(args or {})
     resolve_model_path(config.model.base_model)  # pull once here, not concurrently in every replica
     plain = config.model_dump(mode="json")
-    inference_options = {
-        "num_replicas": config.serving.num_replicas,
-        "ray_actor_options": {
-            "num_cpus": config.serving.replica_num_cpus,
-            "num_gpus": config.serving.replica_num_gpus,
-        },
-    }
-    logger.info("claas-ray inference deployment options: %s", inference_options)
-    inference = InferenceDeployment.options(**inference_options).bind(plain)
-    return Router.options(ray_actor_options={"num_cpus": 0}).bind(plain, inference)
+    options = {"inference": inference_options(config), "trainer": trainer_options(config)}
+    logger.info("claas-ray deployment options: %s", options)
+    trainer = TrainerDeployment.options(**options["trainer"]).bind(plain)
+    inference = InferenceDeployment.options(**options["inference"]).bind(plain, trainer)
+    return Router.options(**router_options(config)).bind(plain, inference, trainer)

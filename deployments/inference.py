@@ -1,25 +1,38 @@
-"""The inference deployment: one vLLM engine per replica, serving base and adapter versions."""
+"""The inference deployment: one vLLM engine per replica, serving base and adapter versions.
+
+Each replica follows the trainer's adapter feed (`deployments/broadcast.py`), so a new version is
+loaded from the object store into vLLM without a restart; versions it has not been sent (it started
+later, or the trainer restarted) load on demand from the adapter store.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
 from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest
 from claas_ray.serving.engine import InferenceEngine
+from deployments.broadcast import AdapterReceiver
 
 
 @serve.deployment(name="inference", max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
 class InferenceDeployment:
-    def __init__(self, config: dict[str, Any]):
+    async def __init__(self, config: dict[str, Any], trainer: DeploymentHandle | None = None):
         self.config = ClaasConfig.model_validate(config)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id if context is not None else "local"
         self.engine = InferenceEngine(self.config, open_store(self.config.store), replica=self.replica)
+        self._feed = None
+        if trainer is not None:
+            receiver = AdapterReceiver(self.replica, trainer, self.engine, Path(self.config.trainer.tmpfs_dir))
+            self._feed = asyncio.create_task(receiver.run())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
         async for item in self.engine.generate(request):
@@ -27,6 +40,8 @@ class InferenceDeployment:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+        if self._feed is not None and self._feed.done():
+            raise RuntimeError(f"the adapter feed stopped: {self._feed.exception()!r}")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

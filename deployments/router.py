@@ -14,8 +14,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
+from claas_ray.feedback.journal import FeedbackJournal
+from claas_ray.protocol.claas import FeedbackRequest, LoraInitRequest, LoraRollbackRequest
 from claas_ray.protocol.generation import GenerationRequest
 from claas_ray.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from claas_ray.serving.claas_serving import ClaasServing, Rejected
 from claas_ray.serving.completion_log import CompletionLog
 from claas_ray.serving.metrics import ServingMetrics
 from claas_ray.serving.openai_serving import OpenAIServing, Served
@@ -53,6 +56,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_json(ErrorResponse.make(exc.status_code, str(exc.detail)))
 
 
+@app.exception_handler(Rejected)
+async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
+    return error_json(exc.error)
+
+
 @app.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_json(ErrorResponse.make(500, f"internal error: {type(exc).__name__}"))
@@ -71,7 +79,7 @@ def to_http(result: Served | ErrorResponse) -> Response:
 @serve.deployment(name="router", max_ongoing_requests=256)
 @serve.ingress(app)
 class Router:
-    def __init__(self, config: dict[str, Any], inference: DeploymentHandle):
+    def __init__(self, config: dict[str, Any], inference: DeploymentHandle, trainer: DeploymentHandle):
         self.config = ClaasConfig.model_validate(config)
         self.store = open_store(self.config.store)
         self.metrics = ServingMetrics()
@@ -81,6 +89,8 @@ class Router:
         # A streaming handle is expensive to configure: make it once.
         self._inference_stream = inference.options(stream=True)
         self.openai = OpenAIServing(self.config, self.store, self.completions, self._generate, self.metrics)
+        self.journal = FeedbackJournal(self.config.state_path() / "feedback.sqlite")
+        self.claas = ClaasServing(self.config, self.store, self.completions, self.journal, trainer)
 
     def _generate(self, request: GenerationRequest):
         return self._inference_stream.generate.remote(request)
@@ -119,3 +129,68 @@ class Router:
     @app.get("/metrics")
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # --- CLaaS API: adapters ---------------------------------------------------------------
+    @app.post("/v1/lora/init")
+    async def lora_init(self, request: LoraInitRequest) -> Response:
+        return JSONResponse((await self.claas.init_lora(request)).model_dump(), status_code=201)
+
+    @app.get("/v1/lora")
+    async def lora_list(self, prefix: str = "") -> Response:
+        return JSONResponse(self.claas.list_loras(prefix).model_dump())
+
+    @app.delete("/v1/lora")
+    async def lora_delete_by_query(self, lora_id: str) -> Response:
+        return JSONResponse((await self.claas.delete_lora(lora_id)).model_dump())
+
+    @app.get("/v1/lora/export")
+    async def lora_export_by_query(self, lora_id: str, version: int | None = None) -> Response:
+        return self._zip(lora_id, version)
+
+    @app.post("/v1/lora/import")
+    async def lora_import(self, request: Request, lora_id: str) -> Response:
+        body = await self._body(request)
+        return JSONResponse((await self.claas.import_zip(lora_id, body)).model_dump(), status_code=201)
+
+    @app.get("/v1/lora/{lora_id:path}/export")
+    async def lora_export(self, lora_id: str, version: int | None = None) -> Response:
+        return self._zip(lora_id, version)
+
+    @app.post("/v1/lora/{lora_id:path}/rollback")
+    async def lora_rollback(self, lora_id: str, request: LoraRollbackRequest) -> Response:
+        return JSONResponse(self.claas.rollback(lora_id, request.version).model_dump())
+
+    @app.get("/v1/lora/{lora_id:path}")
+    async def lora_get(self, lora_id: str) -> Response:
+        return JSONResponse(self.claas.get_lora(lora_id).model_dump())
+
+    @app.delete("/v1/lora/{lora_id:path}")
+    async def lora_delete(self, lora_id: str) -> Response:
+        return JSONResponse((await self.claas.delete_lora(lora_id)).model_dump())
+
+    def _zip(self, lora_id: str, version: int | None) -> Response:
+        data = self.claas.export_zip(lora_id, version)
+        filename = lora_id.replace("/", "__") + ".zip"
+        return Response(data, media_type="application/zip", headers={"content-disposition": f'attachment; filename="{filename}"'})
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.router.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise Rejected(ErrorResponse.make(413, f"the request body exceeds {limit} bytes"))
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise Rejected(ErrorResponse.make(413, f"the request body exceeds {limit} bytes"))
+        return bytes(body)
+
+    # --- CLaaS API: feedback ----------------------------------------------------------------
+    @app.post("/v1/feedback")
+    async def feedback(self, request: FeedbackRequest) -> Response:
+        response, status = await self.claas.submit_feedback(request)
+        return JSONResponse(response.model_dump(), status_code=status)
+
+    @app.get("/v1/feedback/{feedback_id}")
+    async def feedback_get(self, feedback_id: str) -> Response:
+        return JSONResponse(self.claas.feedback_status(feedback_id).model_dump())

@@ -9,11 +9,14 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
+import psutil
+
 from claas_ray.adapters.store import AdapterStore
 from claas_ray.chat import render_prompt_ids
 from claas_ray.config import ClaasConfig
 from claas_ray.models.registry import resolve_model_path
 from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest, TokenLogprob
+from claas_ray.serving import orphan_reaper
 from claas_ray.serving.lora_versions import LoraVersions
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ def engine_args(config: ClaasConfig):
         dtype=serving.dtype,
         disable_log_stats=True,
     )
+    if config.trainer.colocation == "sleep":
+        kwargs["enable_sleep_mode"] = True  # the trainer puts the engine to sleep while it steps
     if serving.kv_cache_memory_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(serving.kv_cache_memory_gb * 2**30)
     kwargs.update(serving.engine_kwargs)
@@ -56,6 +61,8 @@ class InferenceEngine:
         self.replica = replica
         self.store = store
         self.llm = AsyncLLM.from_engine_args(engine_args(config))
+        engine_pids = [child.pid for child in psutil.Process().children(recursive=True)]
+        self._reaper = orphan_reaper.start(os.getpid(), engine_pids)
         self.tokenizer = self.llm.get_tokenizer()
         self.loras = LoraVersions(store.peft_dir, capacity=max(1024, config.serving.max_cpu_loras))
 

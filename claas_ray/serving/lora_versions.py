@@ -44,6 +44,11 @@ class LoraVersions:
             self._requests.move_to_end(key)
         return request
 
+    def forget(self, adapter_id: str, version: int) -> None:
+        """Drop a materialised path; the version falls back to the store's copy if requested again."""
+        self._paths.pop((adapter_id, version), None)
+        self._requests.pop((adapter_id, version), None)
+
     def known_versions(self) -> dict[str, int]:
         """Newest version per adapter this replica has served or been given."""
         newest: dict[str, int] = {}

@@ -112,12 +112,8 @@ class SDPOTrainer:
     @torch.no_grad()
     def _load_slot(self, slot: str, tensors: dict[str, torch.Tensor]) -> None:
         params = self._slot_params(slot)
-        if params.keys() != tensors.keys():
-            missing, extra = sorted(params.keys() - tensors.keys())[:3], sorted(tensors.keys() - params.keys())[:3]
-            raise ValueError(f"adapter tensors do not match the base model's LoRA layout: missing {missing}, extra {extra}")
+        _check_layout(params, tensors)
         for name, parameter in params.items():
-            if parameter.shape != tensors[name].shape:
-                raise ValueError(f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(parameter.shape)}")
             parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
 
     def _read_slot(self, slot: str) -> dict[str, torch.Tensor]:
@@ -154,6 +150,14 @@ class SDPOTrainer:
             student[name] = weight
         teacher = {name: tensor.clone() for name, tensor in student.items()}
         return AdapterState(lora=lora.model_copy(), base_model=self.base_model_name, student=student, teacher=teacher)
+
+    def check_compatible(self, state: AdapterState) -> None:
+        """Raise ValueError unless the state's tensors fit this base model's LoRA layout exactly."""
+        self._ensure_slots(state.lora)
+        _check_layout(self._slot_params(STUDENT), state.student)
+        for name, tensor in state.student.items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"adapter tensor {name} has non-finite values")
 
     # --- scoring passes ---------------------------------------------------------------------
     def _response_logits(self, input_ids: torch.Tensor, response_len: int) -> torch.Tensor:
@@ -357,6 +361,18 @@ class SDPOTrainer:
             )
         ids = output[0, prompt.shape[1]:].tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def _check_layout(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    """Same names and shapes as the base model's LoRA slots, or a ValueError that says what differs."""
+    if params.keys() != tensors.keys():
+        missing, extra = sorted(params.keys() - tensors.keys())[:3], sorted(tensors.keys() - params.keys())[:3]
+        raise ValueError(f"adapter tensors do not match the base model's LoRA layout: missing {missing}, unexpected {extra}")
+    for name, parameter in params.items():
+        if tuple(tensors[name].shape) != tuple(parameter.shape):
+            raise ValueError(
+                f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(parameter.shape)}"
+            )
 
 
 def _make_optimizer(

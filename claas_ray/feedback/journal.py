@@ -1,0 +1,146 @@
+"""`FeedbackJournal`: the write-ahead log of feedback, in SQLite on disk.
+
+The router appends an item (synchronously, fsync'd) before answering 202; the trainer moves it through
+queued -> training -> applied | rejected. A restart replays everything not yet final. Exactly-once
+comes from the adapter store: every published version names the feedback ids it applied, so an item
+caught in `training` by a crash is recovered as applied if a version already names it, else re-queued.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from claas_ray.training.example import TrainingExample
+
+Status = Literal["queued", "training", "applied", "rejected"]
+FINAL: tuple[Status, ...] = ("applied", "rejected")
+
+
+class FeedbackEntry(BaseModel):
+    """One journal row: the training example plus where it is in its life."""
+
+    id: str
+    adapter_id: str
+    status: Status
+    example: TrainingExample
+    completion_id: str | None = None
+    version: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    reason: str | None = None
+    created_at: float
+    updated_at: float
+
+
+class FeedbackJournal:
+    """Durable, ordered feedback items; safe to share between the router and trainer processes."""
+
+    def __init__(self, path: str | Path):
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged append survives power loss
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS feedback ("
+            " seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, adapter_id TEXT NOT NULL,"
+            " status TEXT NOT NULL, example TEXT NOT NULL, completion_id TEXT, version INTEGER,"
+            " metrics TEXT NOT NULL DEFAULT '{}', reason TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS feedback_status ON feedback (status, adapter_id, seq)")
+
+    @staticmethod
+    def _entry(row: tuple) -> FeedbackEntry:
+        return FeedbackEntry(
+            id=row[0], adapter_id=row[1], status=row[2], example=TrainingExample.model_validate_json(row[3]),
+            completion_id=row[4], version=row[5], metrics=json.loads(row[6]), reason=row[7],
+            created_at=row[8], updated_at=row[9],
+        )
+
+    _COLUMNS = "id, adapter_id, status, example, completion_id, version, metrics, reason, created_at, updated_at"
+
+    def append(self, entries: list[tuple[str, str, TrainingExample, str | None]]) -> None:
+        """Record (id, adapter id, example, completion id) items as queued, all or none."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO feedback (id, adapter_id, status, example, completion_id, created_at, updated_at)"
+                    " VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                    [(fid, aid, ex.model_dump_json(), cid, now, now) for fid, aid, ex, cid in entries],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def get(self, feedback_id: str) -> FeedbackEntry | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {self._COLUMNS} FROM feedback WHERE id = ?", (feedback_id,)).fetchone()
+        return None if row is None else self._entry(row)
+
+    def get_many(self, feedback_ids: list[str]) -> list[FeedbackEntry]:
+        return [entry for entry in (self.get(fid) for fid in feedback_ids) if entry is not None]
+
+    def next_batch(self, max_items: int) -> list[FeedbackEntry]:
+        """Queued items of the adapter whose oldest item waits longest, in order (one step's batch)."""
+        with self._lock:
+            first = self._db.execute(
+                "SELECT adapter_id FROM feedback WHERE status = 'queued' ORDER BY seq LIMIT 1"
+            ).fetchone()
+            if first is None:
+                return []
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM feedback WHERE status = 'queued' AND adapter_id = ? ORDER BY seq LIMIT ?",
+                (first[0], max_items),
+            ).fetchall()
+        return [self._entry(row) for row in rows]
+
+    def with_status(self, status: Status) -> list[FeedbackEntry]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {self._COLUMNS} FROM feedback WHERE status = ? ORDER BY seq", (status,)).fetchall()
+        return [self._entry(row) for row in rows]
+
+    def count_pending(self, adapter_id: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM feedback WHERE adapter_id = ? AND status IN ('queued', 'training')", (adapter_id,)
+            ).fetchone()
+        return int(row[0])
+
+    def recent(self, limit: int = 50, adapter_id: str | None = None) -> list[FeedbackEntry]:
+        query = f"SELECT {self._COLUMNS} FROM feedback"
+        params: tuple = ()
+        if adapter_id is not None:
+            query += " WHERE adapter_id = ?"
+            params = (adapter_id,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY seq DESC LIMIT ?", (*params, limit)).fetchall()
+        return [self._entry(row) for row in rows]
+
+    def mark(
+        self,
+        feedback_ids: list[str],
+        status: Status,
+        *,
+        version: int | None = None,
+        metrics: dict[str, float] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.executemany(
+                "UPDATE feedback SET status = ?, version = COALESCE(?, version), metrics = ?, reason = ?, updated_at = ?"
+                " WHERE id = ?",
+                [(status, version, json.dumps(metrics or {}), reason, now, fid) for fid in feedback_ids],
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

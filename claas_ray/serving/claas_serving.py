@@ -1,0 +1,297 @@
+"""The CLaaS API's logic: adapter lifecycle and feedback intake. No FastAPI here (see deployments/router.py).
+
+Feedback is validated, resolved (a completion id becomes the exact tokens that were served), and
+written to the journal before anything is acknowledged; the trainer is only nudged, so a trainer that
+is down or restarting never loses an acknowledged item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+import zipfile
+from typing import Any, Protocol
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from claas_ray.adapters.ids import AdapterIdError, validate_adapter_id
+from claas_ray.adapters.state import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_FILES
+from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterStore
+from claas_ray.chat import ChatMessage
+from claas_ray.config import ClaasConfig
+from claas_ray.feedback.journal import FINAL, FeedbackEntry, FeedbackJournal
+from claas_ray.protocol.claas import (
+    FeedbackItemIn,
+    FeedbackRequest,
+    FeedbackResponse,
+    FeedbackStatus,
+    LoraDeleted,
+    LoraDetail,
+    LoraInitRequest,
+    LoraList,
+    LoraSummary,
+)
+from claas_ray.protocol.openai import ErrorResponse, new_id
+from claas_ray.serving.completion_log import CompletionLog
+from claas_ray.training.example import TrainingExample
+
+logger = logging.getLogger(__name__)
+
+MAX_IMPORT_FILE_BYTES = 2 * 2**30
+
+
+class TrainerClient(Protocol):
+    """What the router needs from the trainer (a Serve handle in the app)."""
+
+    def init_adapter(self, adapter_id: str, lora: dict[str, Any]) -> Any: ...
+    def import_adapter(self, adapter_id: str, files: dict[str, bytes]) -> Any: ...
+    def forget_adapter(self, adapter_id: str) -> Any: ...
+    def notify(self) -> Any: ...
+
+
+def feedback_status(entry: FeedbackEntry) -> FeedbackStatus:
+    return FeedbackStatus(
+        id=entry.id, lora_id=entry.adapter_id, status=entry.status, version=entry.version, metrics=entry.metrics,
+        reason=entry.reason, completion_id=entry.completion_id, created_at=entry.created_at, updated_at=entry.updated_at,
+    )
+
+
+class Rejected(Exception):
+    """A request the caller must fix: carries its OpenAI-style error."""
+
+    def __init__(self, error: ErrorResponse):
+        super().__init__(error.error.message)
+        self.error = error
+
+
+def _bad(status: int, message: str, param: str | None = None, code: str | None = None) -> Rejected:
+    return Rejected(ErrorResponse.make(status, message, param, code))
+
+
+class ClaasServing:
+    def __init__(
+        self,
+        config: ClaasConfig,
+        store: AdapterStore,
+        completions: CompletionLog,
+        journal: FeedbackJournal,
+        trainer: Any,
+    ):
+        self.config = config
+        self.store = store
+        self.completions = completions
+        self.journal = journal
+        self.trainer = trainer  # calls look like `await trainer.method.remote(...)`
+
+    # --- adapters ---------------------------------------------------------------------------
+    def _existing(self, lora_id: str, param: str = "lora_id") -> str:
+        try:
+            validate_adapter_id(lora_id)
+        except AdapterIdError as exc:
+            raise _bad(400, str(exc), param) from exc
+        if not self.store.exists(lora_id):
+            raise _bad(404, f"LoRA adapter '{lora_id}' does not exist", param, "lora_not_found")
+        return lora_id
+
+    def _detail(self, lora_id: str) -> LoraDetail:
+        return LoraDetail(
+            lora_id=lora_id, latest_version=self.store.latest_version(lora_id), versions=self.store.list_versions(lora_id)
+        )
+
+    async def init_lora(self, request: LoraInitRequest) -> LoraDetail:
+        try:
+            validate_adapter_id(request.lora_id)
+        except AdapterIdError as exc:
+            raise _bad(400, str(exc), "lora_id") from exc
+        served = {self.config.model.base_model, self.config.served_model_name()}
+        if request.base_model is not None and request.base_model not in served:
+            raise _bad(400, f"this server trains adapters of '{self.config.served_model_name()}' only", "base_model")
+        lora = self.config.lora.model_copy(
+            update={
+                key: value
+                for key, value in {"rank": request.rank, "alpha": request.alpha, "target_modules": request.target_modules}.items()
+                if value is not None
+            }
+        )
+        if lora.rank > self.config.serving.max_lora_rank:
+            raise _bad(400, f"rank {lora.rank} exceeds the server's max_lora_rank {self.config.serving.max_lora_rank}", "rank")
+        if self.store.exists(request.lora_id):
+            raise _bad(409, f"LoRA adapter '{request.lora_id}' already exists", "lora_id", "lora_exists")
+        try:
+            await self.trainer.init_adapter.remote(request.lora_id, lora.model_dump())
+        except AdapterExistsError as exc:
+            raise _bad(409, str(exc), "lora_id", "lora_exists") from exc
+        except ValueError as exc:  # e.g. target modules this model does not have
+            raise _bad(400, str(exc), "target_modules") from exc
+        return self._detail(request.lora_id)
+
+    def list_loras(self, prefix: str = "") -> LoraList:
+        summaries = []
+        for lora_id in self.store.list_adapters(prefix):
+            try:
+                latest = self.store.latest_version(lora_id)
+                summaries.append(LoraSummary(lora_id=lora_id, latest_version=latest, base_model=self.store.read_meta(lora_id, latest).base_model))
+            except AdapterNotFoundError:
+                continue
+        return LoraList(data=summaries, loras=[s.lora_id for s in summaries])
+
+    def get_lora(self, lora_id: str) -> LoraDetail:
+        return self._detail(self._existing(lora_id))
+
+    async def delete_lora(self, lora_id: str) -> LoraDeleted:
+        try:
+            validate_adapter_id(lora_id)
+        except AdapterIdError as exc:
+            raise _bad(400, str(exc), "lora_id") from exc
+        deleted = self.store.delete(lora_id)
+        if deleted:
+            await self.trainer.forget_adapter.remote(lora_id)
+        return LoraDeleted(lora_id=lora_id, deleted=deleted)
+
+    def rollback(self, lora_id: str, version: int) -> LoraDetail:
+        self._existing(lora_id)
+        try:
+            self.store.rollback(lora_id, version)
+        except AdapterNotFoundError as exc:
+            raise _bad(404, str(exc), "version") from exc
+        return self._detail(lora_id)
+
+    def export_zip(self, lora_id: str, version: int | None = None) -> bytes:
+        self._existing(lora_id)
+        try:
+            files = self.store.export_files(lora_id, version)
+        except AdapterNotFoundError as exc:
+            raise _bad(404, str(exc), "version") from exc
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, data in sorted(files.items()):
+                # A fixed timestamp: the same version always exports to the same bytes.
+                archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
+        return buffer.getvalue()
+
+    async def import_zip(self, lora_id: str, data: bytes) -> LoraDetail:
+        try:
+            validate_adapter_id(lora_id)
+        except AdapterIdError as exc:
+            raise _bad(400, str(exc), "lora_id") from exc
+        if self.store.exists(lora_id):
+            raise _bad(409, f"LoRA adapter '{lora_id}' already exists", "lora_id", "lora_exists")
+        files = read_adapter_zip(data)
+        try:
+            await self.trainer.import_adapter.remote(lora_id, files)
+        except AdapterExistsError as exc:
+            raise _bad(409, str(exc), "lora_id", "lora_exists") from exc
+        except (ValueError, KeyError) as exc:
+            raise _bad(400, f"the adapter does not fit this base model: {exc}", "file") from exc
+        return self._detail(lora_id)
+
+    # --- feedback ---------------------------------------------------------------------------
+    def _example(self, item: FeedbackItemIn, index: int) -> tuple[str, TrainingExample]:
+        param = f"items.{index}"
+        if item.completion_id is not None:
+            record = self.completions.get(item.completion_id)
+            if record is None:
+                raise _bad(404, f"completion '{item.completion_id}' is not known (too old, or never served here)",
+                           f"{param}.completion_id", "completion_not_found")
+            if record.messages is None:
+                raise _bad(400, "feedback by completion id needs a chat completion", f"{param}.completion_id")
+            lora_id = item.lora_id or record.adapter_id
+            if lora_id is None:
+                raise _bad(400, "that completion was served by the base model: name the lora_id to train", f"{param}.lora_id")
+            if item.lora_id is not None and record.adapter_id is not None and item.lora_id != record.adapter_id:
+                raise _bad(400, f"that completion was served by '{record.adapter_id}', not '{item.lora_id}'", f"{param}.lora_id")
+            self._existing(lora_id, f"{param}.lora_id")
+            return lora_id, TrainingExample(
+                messages=record.messages,
+                response_text=record.response_text,
+                response_token_ids=record.response_token_ids or None,
+                response_logprobs=record.response_logprobs or None,
+                feedback=item.feedback,
+            )
+        lora_id = self._existing(item.lora_id or "", f"{param}.lora_id")
+        if item.messages is not None:
+            messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in item.messages]
+        else:
+            messages = [ChatMessage(role="user", content=item.prompt or "")]
+        if not any(m.role == "user" for m in messages):
+            raise _bad(400, "messages must contain a user turn", f"{param}.messages")
+        return lora_id, TrainingExample(messages=messages, response_text=item.response or "", feedback=item.feedback)
+
+    async def submit_feedback(self, request: FeedbackRequest) -> tuple[FeedbackResponse, int]:
+        prepared = [self._example(item, index) for index, item in enumerate(request.items)]
+        limit = self.config.trainer.max_pending_per_adapter
+        for lora_id in {lora_id for lora_id, _ in prepared}:
+            adding = sum(1 for other, _ in prepared if other == lora_id)
+            if self.journal.count_pending(lora_id) + adding > limit:
+                raise Rejected(ErrorResponse.make(
+                    429, f"LoRA adapter '{lora_id}' already has {limit} feedback items waiting; retry shortly",
+                    "lora_id", "queue_full"))
+        ids = [new_id("fb") for _ in prepared]
+        self.journal.append(
+            [(fid, lora_id, example, item.completion_id) for fid, (lora_id, example), item in zip(ids, prepared, request.items)]
+        )
+        try:  # a nudge only: the trainer drains the journal on its own, also after a restart
+            await asyncio.wait_for(self.trainer.notify.remote(), timeout=5)
+        except Exception as exc:
+            logger.warning("trainer not reachable for a nudge (%s); feedback stays queued", type(exc).__name__)
+        entries = self.journal.get_many(ids)
+        if request.wait:
+            deadline = time.monotonic() + request.wait_timeout_s
+            while time.monotonic() < deadline and not all(e.status in FINAL for e in entries):
+                await asyncio.sleep(0.1)
+                entries = self.journal.get_many(ids)
+        statuses = [feedback_status(entry) for entry in entries]
+        final = all(s.status in FINAL for s in statuses)
+        overall = statuses[0].status if len({s.status for s in statuses}) == 1 else "mixed"
+        response = FeedbackResponse(
+            items=statuses, status=overall, lora_id=statuses[0].lora_id, batch_size=len(statuses), request_id=ids[0]
+        )
+        return response, 200 if final else 202
+
+    def feedback_status(self, feedback_id: str) -> FeedbackStatus:
+        entry = self.journal.get(feedback_id)
+        if entry is None:
+            raise _bad(404, f"feedback '{feedback_id}' does not exist", "feedback_id", "feedback_not_found")
+        return feedback_status(entry)
+
+
+def read_adapter_zip(data: bytes) -> dict[str, bytes]:
+    """The two PEFT files from an uploaded zip, or a 400: nothing else, nothing huge, no pickles."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise _bad(400, "the upload is not a zip archive", "file") from exc
+    files: dict[str, bytes] = {}
+    with archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            name = info.filename.rsplit("/", 1)[-1]
+            if name not in PEFT_FILES or info.filename.count("/") > 1 or info.filename.startswith("/") or ".." in info.filename:
+                raise _bad(400, f"unexpected file {info.filename!r} in the archive; only {list(PEFT_FILES)} are allowed", "file")
+            if name in files:
+                raise _bad(400, f"{name} appears twice in the archive", "file")
+            if info.file_size > MAX_IMPORT_FILE_BYTES:
+                raise _bad(400, f"{name} is too large ({info.file_size} bytes)", "file")
+            files[name] = archive.read(info)
+    missing = [name for name in PEFT_FILES if name not in files]
+    if missing:
+        raise _bad(400, f"the archive lacks {missing}", "file")
+    try:
+        config = json.loads(files[ADAPTER_CONFIG])
+        if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+            raise ValueError("peft_type must be LORA")
+        for key in ("r", "lora_alpha", "target_modules"):
+            if key not in config:
+                raise ValueError(f"missing {key}")
+    except ValueError as exc:
+        raise _bad(400, f"adapter_config.json is not a valid LoRA config: {exc}", "file") from exc
+    try:
+        load_safetensors(files[ADAPTER_WEIGHTS])  # the safetensors format cannot carry code
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise _bad(400, f"adapter_model.safetensors is not a valid safetensors file: {exc}", "file") from exc
+    return files

@@ -1,0 +1,45 @@
+"""Where replicas run: the Serve deployment options for inference and the trainer.
+
+Each replica gets a placement group of one bundle holding exactly its resources (STRICT_PACK), so Ray
+reserves CPUs/GPUs atomically and never starts a replica it cannot fully place. On one shared GPU
+(`trainer.colocation: sleep`) both sides ask for a fraction of the same device, vLLM is told to keep
+only its share of memory, and the trainer puts vLLM to sleep (level 1: weights offloaded, KV cache
+dropped) for the length of each step, then wakes it (see `deployments/trainer.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from claas_ray.config import ClaasConfig
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    bundle = {"CPU": cpus}
+    if gpus:
+        bundle["GPU"] = gpus
+    return bundle
+
+
+def inference_options(config: ClaasConfig) -> dict[str, Any]:
+    serving = config.serving
+    return {
+        "num_replicas": serving.num_replicas,
+        "ray_actor_options": {"num_cpus": serving.replica_num_cpus, "num_gpus": serving.replica_num_gpus},
+        "placement_group_bundles": [_bundle(serving.replica_num_cpus, serving.replica_num_gpus)],
+        "placement_group_strategy": "STRICT_PACK",
+    }
+
+
+def trainer_options(config: ClaasConfig) -> dict[str, Any]:
+    trainer = config.trainer
+    return {
+        "ray_actor_options": {"num_cpus": trainer.num_cpus, "num_gpus": trainer.num_gpus},
+        "placement_group_bundles": [_bundle(trainer.num_cpus, trainer.num_gpus)],
+        "placement_group_strategy": "STRICT_PACK",
+    }
+
+
+def router_options(config: ClaasConfig) -> dict[str, Any]:
+    """The router does no compute: it must never wait for a CPU on a two-core machine."""
+    return {"ray_actor_options": {"num_cpus": 0}}

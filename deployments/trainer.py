@@ -1,0 +1,184 @@
+"""The trainer deployment: owns the training model, drains the feedback journal, publishes versions.
+
+A Serve deployment with one replica: a named Ray actor that Serve restarts if it dies. On start it
+replays the journal (exactly-once through the versions' feedback ids), then loops: take the oldest
+adapter's queued items as one batch, run one guarded SDPO step, publish the version, broadcast it to
+every inference replica, and only then mark the items applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+from claas_ray.adapters.state import PEFT_FILES, AdapterState
+from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterVersionMeta, open_store
+from claas_ray.config import ClaasConfig, LoraConfig
+from claas_ray.feedback.journal import FeedbackEntry, FeedbackJournal
+from claas_ray.training.step import SDPOTrainer
+from deployments.broadcast import AdapterBroadcaster, PollResult
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment(name="trainer", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10, health_check_timeout_s=120)
+class TrainerDeployment:
+    async def __init__(self, config: dict[str, Any]):
+        self.config = ClaasConfig.model_validate(config)
+        self.store = open_store(self.config.store)
+        self.journal = FeedbackJournal(self.config.state_path() / "feedback.sqlite")
+        self.broadcaster = AdapterBroadcaster(poll_timeout_s=self.config.trainer.poll_timeout_s)
+        self.trainer = SDPOTrainer(self.config.model)
+        self._model_lock = asyncio.Lock()  # one model, one user at a time: steps, inits, imports
+        self._wake = asyncio.Event()
+        self._states: dict[str, tuple[int, AdapterState]] = {}
+        self.steps = 0
+        self._recover()
+        self._loop = asyncio.create_task(self._run())
+
+    # --- recovery ---------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Items caught mid-step by a crash: applied if a published version names them, else queued again."""
+        named: dict[str, dict[str, AdapterVersionMeta]] = {}
+        for entry in self.journal.with_status("training"):
+            if entry.adapter_id not in named:
+                versions = self.store.list_versions(entry.adapter_id) if self.store.exists(entry.adapter_id) else []
+                named[entry.adapter_id] = {fid: meta for meta in versions for fid in meta.feedback_ids}
+            meta = named[entry.adapter_id].get(entry.id)
+            if meta is not None:
+                self.journal.mark([entry.id], "applied", version=meta.version, metrics=meta.metrics)
+                logger.info("recovered feedback %s as applied in version %d", entry.id, meta.version)
+            else:
+                self.journal.mark([entry.id], "queued")
+                logger.info("recovered feedback %s as queued", entry.id)
+
+    # --- the loop ---------------------------------------------------------------------------
+    async def _run(self) -> None:
+        await self.broadcaster.wait_for_replicas(
+            self.config.serving.num_replicas, timeout_s=2 * self.config.trainer.poll_timeout_s + 5
+        )
+        while True:
+            batch = self.journal.next_batch(self.config.trainer.max_batch_items)
+            if not batch:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                await self._apply(batch)
+            except Exception as exc:
+                logger.exception("step for %s failed", batch[0].adapter_id)
+                self.journal.mark([e.id for e in batch], "rejected", reason=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _state(self, adapter_id: str) -> tuple[AdapterState, int]:
+        latest = self.store.latest_version(adapter_id)
+        cached = self._states.get(adapter_id)
+        if cached is not None and cached[0] == latest:
+            return cached[1], latest
+        state, meta = self.store.load_state(adapter_id, latest)
+        self._states[adapter_id] = (meta.version, state)
+        return state, meta.version
+
+    async def _apply(self, batch: list[FeedbackEntry]) -> None:
+        adapter_id = batch[0].adapter_id
+        ids = [entry.id for entry in batch]
+        started = time.time()
+        self.journal.mark(ids, "training")
+        try:
+            state, parent = self._state(adapter_id)
+        except AdapterNotFoundError:
+            self.journal.mark(ids, "rejected", reason=f"adapter {adapter_id!r} no longer exists")
+            return
+        async with self._model_lock:
+            await self._sleep_inference()
+            try:
+                result = await asyncio.to_thread(
+                    self.trainer.step, state, [entry.example for entry in batch], self.config.training
+                )
+            except ValueError as exc:  # e.g. an example longer than the context
+                self.journal.mark(ids, "rejected", reason=str(exc))
+                return
+            finally:
+                await self._wake_inference()
+        stepped = time.time()
+        metrics = dict(result.metrics)
+        metrics["queue_s"] = started - min(entry.created_at for entry in batch)
+        if not result.accepted:
+            self.journal.mark(ids, "rejected", metrics=metrics, reason=result.reason)
+            return
+        meta = self.store.publish(adapter_id, result.state, parent_version=parent, feedback_ids=ids, metrics=result.metrics)
+        self._states[adapter_id] = (meta.version, result.state)
+        self.steps += 1
+        published = time.time()
+        files = result.state.to_files()
+        command = await self.broadcaster.publish(adapter_id, meta.version, {name: files[name] for name in PEFT_FILES})
+        acked, live = await self.broadcaster.wait_for_acks(command, self.config.trainer.broadcast_timeout_s)
+        metrics.update(
+            train_s=stepped - started,
+            publish_s=published - stepped,
+            broadcast_s=time.time() - published,
+            load_s=self.broadcaster.load_seconds(command),
+            replicas_acked=float(acked),
+            replicas_live=float(live),
+        )
+        if acked < live:
+            logger.warning("version %d of %s reached %d of %d replicas", meta.version, adapter_id, acked, live)
+        self.journal.mark(ids, "applied", version=meta.version, metrics=metrics)
+
+    async def _sleep_inference(self) -> None:
+        if self.config.trainer.colocation == "sleep":
+            command = await self.broadcaster.control("sleep", self.config.trainer.sleep_level)
+            await self.broadcaster.wait_for_acks(command, self.config.trainer.sleep_timeout_s)
+
+    async def _wake_inference(self) -> None:
+        """Always runs after a step, failed or not: a sleeping engine serves nobody."""
+        if self.config.trainer.colocation == "sleep":
+            command = await self.broadcaster.control("wake")
+            await self.broadcaster.wait_for_acks(command, self.config.trainer.sleep_timeout_s)
+
+    # --- calls from the router --------------------------------------------------------------
+    async def notify(self) -> None:
+        self._wake.set()
+
+    async def init_adapter(self, adapter_id: str, lora: dict[str, Any]) -> AdapterVersionMeta:
+        if self.store.exists(adapter_id):
+            raise AdapterExistsError(f"adapter {adapter_id!r} already exists")
+        async with self._model_lock:
+            state = await asyncio.to_thread(self.trainer.init_adapter, LoraConfig.model_validate(lora))
+        return self.store.create(adapter_id, state)
+
+    async def import_adapter(self, adapter_id: str, files: dict[str, bytes]) -> AdapterVersionMeta:
+        state = AdapterState.from_files(files)
+        state.base_model = self.config.model.base_model
+        state.teacher = {name: tensor.clone() for name, tensor in state.student.items()}
+        async with self._model_lock:
+            await asyncio.to_thread(self.trainer.check_compatible, state)
+        return self.store.create(adapter_id, state, note="imported")
+
+    async def forget_adapter(self, adapter_id: str) -> None:
+        """After a delete: drop cached state and the broadcast entry; queued items are rejected at their turn."""
+        self._states.pop(adapter_id, None)
+        self.broadcaster.forget(adapter_id)
+
+    async def poll(self, replica: str, generation: str | None, cursor: int) -> PollResult:
+        return await self.broadcaster.poll(replica, generation, cursor)
+
+    async def ack(self, replica: str, seq: int, load_s: float = 0.0) -> None:
+        await self.broadcaster.ack(replica, seq, load_s)
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "generation": self.broadcaster.generation,
+            "live_replicas": sorted(self.broadcaster.live_replicas()),
+        }
+
+    async def check_health(self) -> None:
+        if self._loop.done():
+            raise RuntimeError(f"the training loop stopped: {self._loop.exception()!r}")
