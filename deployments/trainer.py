@@ -13,9 +13,10 @@ import logging
 import time
 from typing import Any
 
+import torch
 from ray import serve
 
-from claas_ray.adapters.state import PEFT_FILES, AdapterState
+from claas_ray.adapters.state import AdapterState
 from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterVersionMeta, open_store
 from claas_ray.config import ClaasConfig, LoraConfig
 from claas_ray.feedback.journal import FeedbackEntry, FeedbackJournal
@@ -32,6 +33,10 @@ class TrainerDeployment:
         self.store = open_store(self.config.store)
         self.journal = FeedbackJournal(self.config.state_path() / "feedback.sqlite")
         self.broadcaster = AdapterBroadcaster(poll_timeout_s=self.config.trainer.poll_timeout_s)
+        if self.config.trainer.torch_threads is not None:
+            # Ray gives an actor as many threads as CPUs it reserved. On the CPU build, vLLM spins on
+            # the core it binds to, so more threads than reserved cores make a step slower, not faster.
+            torch.set_num_threads(self.config.trainer.torch_threads)
         self.trainer = SDPOTrainer(self.config.model)
         self._model_lock = asyncio.Lock()  # one model, one user at a time: steps, inits, imports
         self._wake = asyncio.Event()
@@ -112,24 +117,33 @@ class TrainerDeployment:
         if not result.accepted:
             self.journal.mark(ids, "rejected", metrics=metrics, reason=result.reason)
             return
-        meta = self.store.publish(adapter_id, result.state, parent_version=parent, feedback_ids=ids, metrics=result.metrics)
-        self._states[adapter_id] = (meta.version, result.state)
-        self.steps += 1
-        published = time.time()
-        files = result.state.to_files()
-        command = await self.broadcaster.publish(adapter_id, meta.version, {name: files[name] for name in PEFT_FILES})
+        # Persist and broadcast at once: replicas load from the object store while the version is written.
+        # The router names a version only once it is in the store, so nobody is served an unpublished one.
+        version = self.store.next_version(adapter_id)
+        publishing = asyncio.create_task(asyncio.to_thread(
+            self.store.publish, adapter_id, result.state, parent, ids, result.metrics, version
+        ))
+        command = await self.broadcaster.publish(adapter_id, version, result.state.peft_files())
         acked, live = await self.broadcaster.wait_for_acks(command, self.config.trainer.broadcast_timeout_s)
+        broadcast_done = time.time()
+        try:
+            await publishing
+        except Exception as exc:
+            self.journal.mark(ids, "rejected", metrics=metrics, reason=f"publishing version {version} failed: {exc}")
+            return
+        self._states[adapter_id] = (version, result.state)
+        self.steps += 1
         metrics.update(
             train_s=stepped - started,
-            publish_s=published - stepped,
-            broadcast_s=time.time() - published,
+            broadcast_s=broadcast_done - stepped,
+            publish_s=time.time() - stepped,
             load_s=self.broadcaster.load_seconds(command),
             replicas_acked=float(acked),
             replicas_live=float(live),
         )
         if acked < live:
-            logger.warning("version %d of %s reached %d of %d replicas", meta.version, adapter_id, acked, live)
-        self.journal.mark(ids, "applied", version=meta.version, metrics=metrics)
+            logger.warning("version %d of %s reached %d of %d replicas", version, adapter_id, acked, live)
+        self.journal.mark(ids, "applied", version=version, metrics=metrics)
 
     async def _sleep_inference(self) -> None:
         if self.config.trainer.colocation == "sleep":

@@ -58,11 +58,15 @@ class AdapterState:
         if self.teacher and self.teacher.keys() != self.student.keys():
             raise ValueError("teacher and student weights must have the same keys")
 
-    def to_files(self) -> dict[str, bytes]:
-        files = {
+    def peft_files(self) -> dict[str, bytes]:
+        """Just what a loader needs (vLLM, PEFT, an export): config and student weights."""
+        return {
             ADAPTER_CONFIG: json.dumps(peft_adapter_config(self.lora, self.base_model), indent=2).encode(),
             ADAPTER_WEIGHTS: save_safetensors(_contiguous(self.student)),
         }
+
+    def to_files(self) -> dict[str, bytes]:
+        files = self.peft_files()
         if self.teacher:
             files[TEACHER_WEIGHTS] = save_safetensors(_contiguous(self.teacher))
         if self.optimizer:

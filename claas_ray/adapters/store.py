@@ -109,6 +109,13 @@ class AdapterStore(ABC):
         meta = AdapterVersionMeta(adapter_id=adapter_id, version=0, base_model=state.base_model, note=note)
         return self._publish(meta, state)
 
+    def next_version(self, adapter_id: str) -> int:
+        """The number the next `publish` will use: one past the highest existing version."""
+        existing = self.version_numbers(validate_adapter_id(adapter_id))
+        if not existing:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
+        return existing[-1] + 1
+
     def publish(
         self,
         adapter_id: str,
@@ -116,15 +123,16 @@ class AdapterStore(ABC):
         parent_version: int,
         feedback_ids: list[str] | None = None,
         metrics: dict[str, float] | None = None,
+        version: int | None = None,
     ) -> AdapterVersionMeta:
-        """Write the next version (after the highest existing one) and point `latest` at it."""
-        validate_adapter_id(adapter_id)
-        existing = self.version_numbers(adapter_id)
-        if not existing:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
+        """Write the next version and point `latest` at it.
+
+        `version`, when given, must be the next number (as `next_version` said); a concurrent writer that
+        took it first makes this raise AdapterExistsError instead of silently renumbering.
+        """
         meta = AdapterVersionMeta(
             adapter_id=adapter_id,
-            version=existing[-1] + 1,
+            version=self.next_version(adapter_id) if version is None else version,
             parent_version=parent_version,
             base_model=state.base_model,
             feedback_ids=list(feedback_ids or []),

@@ -1,0 +1,155 @@
+"""Feedback-to-served latency: POST /v1/feedback until the first completion from the new version.
+
+Runs the app (configs/local.yaml, one inference replica) in a local Ray cluster, then for each round:
+chat with the adapter, send feedback on that completion, and probe (1-token chats) until a response
+reports the new version. The split (queue, train, publish, broadcast, load) comes from the feedback's
+own metrics. The baseline, in the same run after the app is gone: the bare `SDPOTrainer.step` on the
+very same examples, with the thread count the trainer actor gets (Ray gives an actor one thread per
+reserved CPU), and for reference with every core. Prints JSON; the tracked figure is `ratio.end_to_end_vs_bare_step` (target <= 1.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Tell me about dogs.", "Describe the sea.", "What is a good breakfast?", "Explain rain.", "Why do cats purr?"]
+FEEDBACK = "Answer only in French."
+
+
+def wait_healthy(url: str, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+def end_to_end_phase(base: str, rounds: int, max_tokens: int) -> tuple[list[dict], list[str]]:
+    import httpx
+
+    client = httpx.Client(base_url=base, timeout=600)
+    assert client.post("/v1/lora/init", json={"lora_id": "bench/latency"}).status_code == 201
+    results, completion_ids = [], []
+    for index in range(rounds):
+        messages = [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+        chat = client.post("/v1/chat/completions", json={"model": "bench/latency", "messages": messages, "max_tokens": max_tokens, "temperature": 0}).json()
+        completion_ids.append(chat["id"])
+        old_version = chat["claas"]["adapter_version"]
+        started = time.perf_counter()
+        accepted = client.post("/v1/feedback", json={"completion_id": chat["id"], "feedback": FEEDBACK}).json()
+        acknowledged = time.perf_counter() - started
+        feedback_id = accepted["items"][0]["id"]
+        while True:  # probe until the new version answers
+            probe = client.post("/v1/chat/completions", json={"model": "bench/latency", "messages": messages, "max_tokens": 1}).json()
+            if probe["claas"]["adapter_version"] > old_version:
+                break
+            time.sleep(0.05)
+        served = time.perf_counter() - started
+        # The new version can answer before `applied` (it is published, then broadcast); the split is
+        # in the item's metrics once the broadcast is acknowledged.
+        while (status := client.get(f"/v1/feedback/{feedback_id}").json())["status"] in ("queued", "training"):
+            time.sleep(0.05)
+        assert status["status"] == "applied", status
+        m = status["metrics"]
+        results.append({
+            "end_to_end_s": served, "ack_s": acknowledged, "queue_s": m["queue_s"], "train_s": m["train_s"],
+            "step_s": m["step_seconds"], "publish_s": m["publish_s"], "broadcast_s": m["broadcast_s"], "load_s": m["load_s"],
+        })
+    return results, completion_ids
+
+
+def bare_step_phase(state_dir: Path, completion_ids: list[str], repeats: int, threads: int) -> list[float]:
+    """`SDPOTrainer.step` alone, with as many threads as the trainer actor gets."""
+    import torch
+
+    from claas_ray.config import LoraConfig, ModelConfig, TrainingConfig
+    from claas_ray.serving.completion_log import CompletionLog
+    from claas_ray.training import SDPOTrainer, TrainingExample
+
+    torch.set_num_threads(threads)
+    log = CompletionLog(state_dir / "completions.sqlite")
+    trainer = SDPOTrainer(ModelConfig())
+    state = trainer.init_adapter(LoraConfig())
+    config = TrainingConfig()
+    times = []
+    for completion_id in completion_ids:
+        record = log.get(completion_id)
+        example = TrainingExample(messages=record.messages, response_text=record.response_text,
+                                  response_token_ids=record.response_token_ids, response_logprobs=record.response_logprobs,
+                                  feedback=FEEDBACK)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            result = trainer.step(state, [example], config)
+            times.append(time.perf_counter() - started)
+        state = result.state
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args()
+
+    import ray
+    import yaml
+    from ray import serve
+
+    from claas_ray.config import load_config
+    from deployments.launch import serve_config
+
+    workdir = Path(tempfile.mkdtemp(prefix="claas-bench-"))
+    spec = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    app_args = spec["applications"][0]["args"]
+    app_args["store"]["root"] = str(workdir / "adapters")
+    app_args["state_dir"] = str(workdir / "state")
+    spec_path = workdir / "serve.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    port = 19000 + os.getpid() % 1000
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        (url,) = serve_config(spec_path, port=port, block=False)
+        base = url.removesuffix("/v1")
+        wait_healthy(f"{base}/health")
+        rounds, completion_ids = end_to_end_phase(base, args.rounds, args.max_tokens)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    trainer_threads = int(max(1, load_config(app_args).trainer.num_cpus))
+    bare = bare_step_phase(workdir / "state", completion_ids, repeats=1, threads=trainer_threads)
+    bare_all_cores = bare_step_phase(workdir / "state", completion_ids, repeats=1, threads=os.cpu_count() or 1)
+
+    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    report = {
+        "benchmark": "feedback_latency",
+        "rounds": rounds,
+        "median": median,
+        "bare_step_threads": trainer_threads,
+        "bare_step_median_s": statistics.median(bare),
+        "bare_step_all_cores_median_s": statistics.median(bare_all_cores),
+        "ratio": {"end_to_end_vs_bare_step": median["end_to_end_s"] / statistics.median(bare)},
+        "target": {"end_to_end_vs_bare_step": 1.3},
+    }
+    report["meets_target"] = report["ratio"]["end_to_end_vs_bare_step"] <= 1.3
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
