@@ -27,20 +27,6 @@ PROMPTS = ["Tell me about dogs.", "Describe the sea.", "What is a good breakfast
 FEEDBACK = "Answer only in French."
 
 
-def wait_healthy(url: str, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)
-
-
 def end_to_end_phase(base: str, rounds: int, max_tokens: int) -> tuple[list[dict], list[str]]:
     import httpx
 
@@ -127,7 +113,6 @@ def main() -> None:
     try:
         (url,) = serve_config(spec_path, port=port, block=False)
         base = url.removesuffix("/v1")
-        wait_healthy(f"{base}/health")
         rounds, completion_ids = end_to_end_phase(base, args.rounds, args.max_tokens)
     finally:
         serve.shutdown()

@@ -153,16 +153,6 @@ def main() -> None:
     port = 18000 + os.getpid() % 1000
     try:
         (url,) = serve_config(spec_path, port=port, block=False)
-        deadline = time.monotonic() + 600
-        import httpx
-
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url.replace("/v1", "/health"), timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
         report["endpoint"] = asyncio.run(endpoint_phase(url, config.served_model_name(), args.max_tokens, loads))
         report["endpoint_adapter"] = asyncio.run(endpoint_phase(url, "bench/adapter", args.max_tokens, loads))
     finally:

@@ -6,9 +6,12 @@ import importlib
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
@@ -20,8 +23,28 @@ def import_builder(import_path: str):
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def serve_config(path: str | Path, address: str | None = None, port: int | None = None, block: bool = True) -> list[str]:
-    """Deploy every application in a serve YAML; returns the URLs, and blocks until Ctrl-C if asked."""
+def wait_healthy(url: str, timeout_s: float, alive: Callable[[], bool] | None = None) -> None:
+    """Poll `url` until it answers 200; fail early if `alive` says the thing starting it has died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError(f"the process serving {url} exited before it answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
+
+
+def serve_config(
+    path: str | Path, address: str | None = None, port: int | None = None, block: bool = True, ready_timeout_s: float = 900
+) -> list[str]:
+    """Deploy every application in a serve YAML and wait until each answers; returns their API URLs.
+
+    With `block`, keeps serving until Ctrl-C or SIGTERM, then shuts the applications down.
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # the dashboard API and jobs need a token
     import ray
@@ -40,7 +63,9 @@ def serve_config(path: str | Path, address: str | None = None, port: int | None 
         builder = import_builder(application["import_path"])
         route = application.get("route_prefix", "/")
         serve.run(builder(application.get("args") or {}), name=application["name"], route_prefix=route, blocking=False)
-        urls.append(f"http://{host}:{listen}{route.rstrip('/')}/v1")
+        root = f"http://{host}:{listen}{route.rstrip('/')}"
+        wait_healthy(f"{root}/health", ready_timeout_s)
+        urls.append(f"{root}/v1")
     for url in urls:
         print(f"claas-ray is serving an OpenAI-compatible API at {url}", flush=True)
     if block:

@@ -29,8 +29,9 @@ import time
 import warnings
 from pathlib import Path
 
-import httpx
 import yaml
+
+from deployments.launch import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -43,17 +44,7 @@ def free_port() -> int:
 
 
 def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+    wait_healthy(url, timeout, alive=None if process is None else (lambda: process.poll() is None))
 
 
 class RayCluster:

@@ -25,6 +25,7 @@ class GenerationRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     top_logprobs: int = 0
+    stream: bool = True  # False: one delta with the whole answer, so nothing crosses Ray per token
 
 
 class TokenLogprob(BaseModel):

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from claas_ray.chat import ChatMessage
+
 MAX_STOP_SEQUENCES = 4
 
 
@@ -113,6 +115,10 @@ class ChatMessageIn(OpenAIRequest):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def to_chat_message(self) -> ChatMessage:
+        """OpenAI's `developer` role is the system prompt of chat templates."""
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.text())
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -214,7 +214,7 @@ class ClaasServing:
             )
         lora_id = self._existing(item.lora_id or "", f"{param}.lora_id")
         if item.messages is not None:
-            messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in item.messages]
+            messages = [message.to_chat_message() for message in item.messages]
         else:
             messages = [ChatMessage(role="user", content=item.prompt or "")]
         if not any(m.role == "user" for m in messages):

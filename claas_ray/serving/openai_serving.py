@@ -6,6 +6,7 @@ those to HTTP. Generation itself is a callable, so the same code runs over a Ser
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +16,6 @@ from pydantic import BaseModel
 
 from claas_ray.adapters.ids import AdapterIdError, validate_adapter_id
 from claas_ray.adapters.store import AdapterStore
-from claas_ray.chat import ChatMessage
 from claas_ray.config import ClaasConfig
 from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest, TokenLogprob
 from claas_ray.protocol.openai import (
@@ -112,6 +112,7 @@ class OpenAIServing:
     def _generation_request(self, request: SamplingFields, target: _Target, **kwargs) -> GenerationRequest:
         return GenerationRequest(
             request_id=kwargs.pop("request_id"),
+            stream=request.stream,
             adapter_id=target.adapter_id,
             adapter_version=target.adapter_version,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -143,6 +144,17 @@ class OpenAIServing:
         async for delta in rest:
             yield delta
 
+    async def _collect(self, first: GenerationDelta, rest: AsyncIterator) -> list[GenerationDelta] | ErrorResponse:
+        """The whole answer of a non-streaming request, within the router's time limit."""
+        async def gather() -> list[GenerationDelta]:
+            return [d async for d in self._deltas(first, rest)]
+
+        limit = self.config.router.request_timeout_s
+        try:
+            return await asyncio.wait_for(gather(), timeout=limit)
+        except asyncio.TimeoutError:
+            return ErrorResponse.make(504, f"generation did not finish within {limit:.0f}s", code="timeout")
+
     def _record(self, completion_id: str, target: _Target, generation: GenerationRequest, deltas: list[GenerationDelta]) -> None:
         final = deltas[-1]
         token_ids = [t for d in deltas for t in d.token_ids]
@@ -163,6 +175,28 @@ class OpenAIServing:
         )
         self.metrics.count_tokens(target.model, len(final.prompt_token_ids or []), len(token_ids))
 
+    async def _serve(
+        self,
+        target: _Target,
+        generation: GenerationRequest,
+        stream: Callable[[ClaasInfo, GenerationDelta, AsyncIterator], AsyncIterator[str]],
+        respond: Callable[[ClaasInfo, list[GenerationDelta]], BaseModel],
+    ) -> Served | ErrorResponse:
+        """The path both endpoints share: start, then an SSE body or a recorded JSON answer."""
+        started = await self._start(generation)
+        if isinstance(started, ErrorResponse):
+            return started
+        first, rest = started
+        headers = self._headers(generation.request_id, target, first)
+        info = ClaasInfo(adapter_id=target.adapter_id, adapter_version=target.adapter_version, replica=first.replica)
+        if generation.stream:
+            return Served(stream(info, first, rest), headers)
+        deltas = await self._collect(first, rest)
+        if isinstance(deltas, ErrorResponse):
+            return deltas
+        self._record(generation.request_id, target, generation, deltas)
+        return Served(respond(info, deltas), headers)
+
     @staticmethod
     def _headers(completion_id: str, target: _Target, first: GenerationDelta) -> dict[str, str]:
         headers = {"x-claas-completion-id": completion_id, "x-claas-replica": first.replica}
@@ -181,26 +215,14 @@ class OpenAIServing:
         target = self.resolve_model(request.model)
         if isinstance(target, ErrorResponse):
             return target
-        messages = [
-            ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in request.messages
-        ]
         completion_id = new_id("chatcmpl")
         generation = self._generation_request(
-            request, target, request_id=completion_id, messages=messages, max_tokens=request.token_limit(),
-            top_logprobs=request.top_logprobs or 0,
+            request, target, request_id=completion_id, messages=[m.to_chat_message() for m in request.messages],
+            max_tokens=request.token_limit(), top_logprobs=request.top_logprobs or 0,
         )
-        started = await self._start(generation)
-        if isinstance(started, ErrorResponse):
-            return started
-        first, rest = started
-        headers = self._headers(completion_id, target, first)
-        info = ClaasInfo(adapter_id=target.adapter_id, adapter_version=target.adapter_version, replica=first.replica)
-        if request.stream:
-            return Served(self._chat_stream(request, target, generation, completion_id, info, first, rest), headers)
-        deltas = [d async for d in self._deltas(first, rest)]
-        self._record(completion_id, target, generation, deltas)
-        return Served(
-            ChatCompletionResponse(
+
+        def respond(info: ClaasInfo, deltas: list[GenerationDelta]) -> ChatCompletionResponse:
+            return ChatCompletionResponse(
                 id=completion_id,
                 model=target.model,
                 choices=[
@@ -212,8 +234,12 @@ class OpenAIServing:
                 ],
                 usage=self._usage(deltas),
                 claas=info,
-            ),
-            headers,
+            )
+
+        return await self._serve(
+            target, generation,
+            lambda info, first, rest: self._chat_stream(request, target, generation, completion_id, info, first, rest),
+            respond,
         )
 
     async def _chat_stream(self, request, target, generation, completion_id, info, first, rest) -> AsyncIterator[str]:
@@ -255,19 +281,10 @@ class OpenAIServing:
             request, target, request_id=completion_id, prompt=request.prompt, max_tokens=request.max_tokens,
             top_logprobs=request.logprobs or 0,
         )
-        started = await self._start(generation)
-        if isinstance(started, ErrorResponse):
-            return started
-        first, rest = started
-        headers = self._headers(completion_id, target, first)
-        info = ClaasInfo(adapter_id=target.adapter_id, adapter_version=target.adapter_version, replica=first.replica)
         want_logprobs = request.logprobs is not None
-        if request.stream:
-            return Served(self._completion_stream(request, target, generation, completion_id, info, first, rest, want_logprobs), headers)
-        deltas = [d async for d in self._deltas(first, rest)]
-        self._record(completion_id, target, generation, deltas)
-        return Served(
-            CompletionResponse(
+
+        def respond(info: ClaasInfo, deltas: list[GenerationDelta]) -> CompletionResponse:
+            return CompletionResponse(
                 id=completion_id,
                 model=target.model,
                 choices=[
@@ -279,8 +296,12 @@ class OpenAIServing:
                 ],
                 usage=self._usage(deltas),
                 claas=info,
-            ),
-            headers,
+            )
+
+        return await self._serve(
+            target, generation,
+            lambda info, first, rest: self._completion_stream(request, target, generation, completion_id, info, first, rest, want_logprobs),
+            respond,
         )
 
     async def _completion_stream(self, request, target, generation, completion_id, info, first, rest, want_logprobs) -> AsyncIterator[str]:
