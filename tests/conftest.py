@@ -56,6 +56,9 @@ class RayCluster:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
         self.workdir = workdir
+        # Token auth is on (RAY_AUTH_MODE=token): a fresh machine has no token until one is generated.
+        subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], check=True, env=self.env,
+                       capture_output=True, timeout=60)
         subprocess.run(
             [str(VENV_BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",

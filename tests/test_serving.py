@@ -191,7 +191,9 @@ def test_prompt_longer_than_context_is_400(app):
 
 def test_metrics(app):
     chat(app.openai(), max_tokens=3)
+    list(chat(app.openai(), max_tokens=3, stream=True))
     text = httpx.get(f"{app.base_url}/metrics").text
+    assert 'claas_time_to_first_token_seconds_count{model="smollm2-135m"}' in text
     assert 'claas_requests_total{endpoint="chat",model="smollm2-135m",status="200"}' in text
     assert "claas_request_latency_seconds_bucket" in text
     assert 'claas_tokens_total{kind="completion",model="smollm2-135m"}' in text

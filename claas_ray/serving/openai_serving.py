@@ -183,10 +183,13 @@ class OpenAIServing:
         respond: Callable[[ClaasInfo, list[GenerationDelta]], BaseModel],
     ) -> Served | ErrorResponse:
         """The path both endpoints share: start, then an SSE body or a recorded JSON answer."""
+        began = time.perf_counter()
         started = await self._start(generation)
         if isinstance(started, ErrorResponse):
             return started
         first, rest = started
+        if generation.stream:  # a non-streaming request's first delta is its whole answer
+            self.metrics.first_token.labels(target.model).observe(time.perf_counter() - began)
         headers = self._headers(generation.request_id, target, first)
         info = ClaasInfo(adapter_id=target.adapter_id, adapter_version=target.adapter_version, replica=first.replica)
         if generation.stream:
