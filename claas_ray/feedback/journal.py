@@ -114,16 +114,6 @@ class FeedbackJournal:
             ).fetchone()
         return int(row[0])
 
-    def recent(self, limit: int = 50, adapter_id: str | None = None) -> list[FeedbackEntry]:
-        query = f"SELECT {self._COLUMNS} FROM feedback"
-        params: tuple = ()
-        if adapter_id is not None:
-            query += " WHERE adapter_id = ?"
-            params = (adapter_id,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY seq DESC LIMIT ?", (*params, limit)).fetchall()
-        return [self._entry(row) for row in rows]
-
     def mark(
         self,
         feedback_ids: list[str],

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import zipfile
-from typing import Any, Protocol
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -42,15 +42,6 @@ from claas_ray.training.example import TrainingExample
 logger = logging.getLogger(__name__)
 
 MAX_IMPORT_FILE_BYTES = 2 * 2**30
-
-
-class TrainerClient(Protocol):
-    """What the router needs from the trainer (a Serve handle in the app)."""
-
-    def init_adapter(self, adapter_id: str, lora: dict[str, Any]) -> Any: ...
-    def import_adapter(self, adapter_id: str, files: dict[str, bytes]) -> Any: ...
-    def forget_adapter(self, adapter_id: str) -> Any: ...
-    def notify(self) -> Any: ...
 
 
 def feedback_status(entry: FeedbackEntry) -> FeedbackStatus:
@@ -85,7 +76,7 @@ class ClaasServing:
         self.store = store
         self.completions = completions
         self.journal = journal
-        self.trainer = trainer  # calls look like `await trainer.method.remote(...)`
+        self.trainer = trainer  # the trainer's Serve handle: `await trainer.method.remote(...)`
 
     # --- adapters ---------------------------------------------------------------------------
     def _existing(self, lora_id: str, param: str = "lora_id") -> str:

@@ -48,10 +48,3 @@ class LoraVersions:
         """Drop a materialised path; the version falls back to the store's copy if requested again."""
         self._paths.pop((adapter_id, version), None)
         self._requests.pop((adapter_id, version), None)
-
-    def known_versions(self) -> dict[str, int]:
-        """Newest version per adapter this replica has served or been given."""
-        newest: dict[str, int] = {}
-        for adapter_id, version in list(self._requests) + list(self._paths):
-            newest[adapter_id] = max(version, newest.get(adapter_id, -1))
-        return newest
