@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
-from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest
+from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest, ScoreRequest, ScoreResult
 from claas_ray.serving.engine import InferenceEngine
 from deployments.broadcast import AdapterReceiver
 
@@ -37,6 +37,9 @@ class InferenceDeployment:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
         async for item in self.engine.generate(request):
             yield item
+
+    async def score(self, request: ScoreRequest) -> ScoreResult | GenerationError:
+        return await self.engine.score(request)
 
     async def check_health(self) -> None:
         await self.engine.check_health()

@@ -16,8 +16,8 @@ from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
 from claas_ray.feedback.journal import FeedbackJournal
 from claas_ray.protocol.claas import FeedbackRequest, LoraInitRequest, LoraRollbackRequest
-from claas_ray.protocol.generation import GenerationRequest
-from claas_ray.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from claas_ray.protocol.generation import GenerationRequest, ScoreRequest
+from claas_ray.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse, ScoreRequestIn
 from claas_ray.serving.claas_serving import ClaasServing, Rejected
 from claas_ray.serving.completion_log import CompletionLog
 from claas_ray.serving.metrics import ServingMetrics
@@ -88,12 +88,18 @@ class Router:
         )
         # A streaming handle is expensive to configure: make it once.
         self._inference_stream = inference.options(stream=True)
-        self.openai = OpenAIServing(self.config, self.store, self.completions, self._generate, self.metrics)
+        self._inference = inference
+        self.openai = OpenAIServing(
+            self.config, self.store, self.completions, self._generate, self.metrics, score=self._score_remote
+        )
         self.journal = FeedbackJournal(self.config.state_path() / "feedback.sqlite")
         self.claas = ClaasServing(self.config, self.store, self.completions, self.journal, trainer)
 
     def _generate(self, request: GenerationRequest):
         return self._inference_stream.generate.remote(request)
+
+    async def _score_remote(self, request: ScoreRequest):
+        return await self._inference.score.remote(request)
 
     async def _timed(self, endpoint: str, model: str, result: Served | ErrorResponse, started: float) -> Response:
         status = result.status_code if isinstance(result, ErrorResponse) else 200
@@ -109,6 +115,13 @@ class Router:
     async def completions(self, request: CompletionRequest) -> Response:
         started = time.perf_counter()
         return await self._timed("completions", request.model, await self.openai.completion(request), started)
+
+    @app.post("/v1/score")
+    async def score(self, request: ScoreRequestIn) -> Response:
+        started = time.perf_counter()
+        result = await self.openai.score(request)
+        served = result if isinstance(result, ErrorResponse) else Served(result)
+        return await self._timed("score", request.model, served, started)
 
     @app.get("/v1/models")
     async def models(self) -> Response:

@@ -197,3 +197,33 @@ def test_metrics(app):
     assert 'claas_requests_total{endpoint="chat",model="smollm2-135m",status="200"}' in text
     assert "claas_request_latency_seconds_bucket" in text
     assert 'claas_tokens_total{kind="completion",model="smollm2-135m"}' in text
+
+
+def test_score_matches_sampling_logprobs(app):
+    response = chat(app.openai(), max_tokens=12, logprobs=True)
+    text = response.choices[0].message.content
+    sampled = [item.logprob for item in response.choices[0].logprobs.content]
+    scored = httpx.post(f"{app.base_url}/v1/score", json={"model": BASE, "messages": QUESTION, "completion": text}, timeout=60)
+    assert scored.status_code == 200, scored.text
+    body = scored.json()
+    assert body["completion_tokens"] == len(body["logprobs"]) == len(body["tokens"]) > 0
+    assert body["logprob_sum"] == pytest.approx(sum(body["logprobs"]))
+    assert body["prompt_tokens"] == response.usage.prompt_tokens
+    if body["completion_tokens"] == len(sampled):  # same tokenisation of the text: same numbers
+        assert body["logprobs"] == pytest.approx(sampled, abs=0.15)  # bf16: prefill and decode round differently
+    unlikely = httpx.post(f"{app.base_url}/v1/score", json={"model": BASE, "messages": QUESTION, "completion": "zebra quantum pickle"}).json()
+    assert unlikely["logprob_sum"] / unlikely["completion_tokens"] < body["logprob_sum"] / body["completion_tokens"]
+
+
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"model": BASE, "messages": QUESTION, "prompt": "x", "completion": "y"}, 400),
+        ({"model": BASE, "messages": QUESTION, "completion": ""}, 400),
+        ({"model": BASE, "completion": "y"}, 400),
+        ({"model": "nobody/else", "prompt": "x", "completion": "y"}, 404),
+    ],
+)
+def test_bad_score_requests(app, body, status):
+    response = httpx.post(f"{app.base_url}/v1/score", json=body, timeout=60)
+    assert response.status_code == status and "error" in response.json()

@@ -53,3 +53,22 @@ class GenerationError(BaseModel):
     status_code: int
     message: str
     param: str | None = None
+
+
+class ScoreRequest(BaseModel):
+    """Log-probabilities of a given completion after a chat or a prompt (nothing is sampled)."""
+
+    request_id: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    completion: str
+    adapter_id: str | None = None
+    adapter_version: int | None = None
+
+
+class ScoreResult(BaseModel):
+    token_ids: list[int]
+    tokens: list[str]
+    logprobs: list[float]
+    prompt_tokens: int
+    replica: str = ""

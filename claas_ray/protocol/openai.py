@@ -272,6 +272,32 @@ class CompletionResponse(OpenAIResponse):
     claas: ClaasInfo | None = None
 
 
+# --- score (CLaaS's endpoint) ---------------------------------------------------------------
+class ScoreRequestIn(OpenAIRequest):
+    """Log-probs of a given completion: `{model, messages | prompt, completion}`."""
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1)
+    prompt: str | None = Field(None, min_length=1)
+    completion: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_context(self) -> "ScoreRequestIn":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        return self
+
+
+class ScoreResponse(OpenAIResponse):
+    model: str
+    logprobs: list[float]
+    tokens: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+    logprob_sum: float
+    claas: ClaasInfo | None = None
+
+
 # --- models ----------------------------------------------------------------------------------
 class ModelCard(BaseModel):
     id: str

@@ -15,7 +15,14 @@ from claas_ray.adapters.store import AdapterStore
 from claas_ray.chat import render_prompt_ids
 from claas_ray.config import ClaasConfig
 from claas_ray.models.registry import resolve_model_path
-from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest, TokenLogprob
+from claas_ray.protocol.generation import (
+    GenerationDelta,
+    GenerationError,
+    GenerationRequest,
+    ScoreRequest,
+    ScoreResult,
+    TokenLogprob,
+)
 from claas_ray.serving import orphan_reaper
 from claas_ray.serving.lora_versions import LoraVersions
 
@@ -66,7 +73,7 @@ class InferenceEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.loras = LoraVersions(store.peft_dir, capacity=max(1024, config.serving.max_cpu_loras))
 
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def _prompt_ids(self, request: GenerationRequest | ScoreRequest) -> list[int]:
         if request.messages is not None:
             return render_prompt_ids(self.tokenizer, request.messages)
         return list(self.tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
@@ -106,13 +113,11 @@ class InferenceEngine:
                 f"maximum context length of {limit} tokens",
             )
             return
-        lora = None
-        if request.adapter_id is not None and request.adapter_version is not None:
-            try:
-                lora = self.loras.request_for(request.adapter_id, request.adapter_version)
-            except FileNotFoundError as exc:
-                yield GenerationError(status_code=404, param="model", message=str(exc))
-                return
+        try:
+            lora = self._lora(request)
+        except FileNotFoundError as exc:
+            yield GenerationError(status_code=404, param="model", message=str(exc))
+            return
 
         async for output in self.llm.generate(
             {"prompt_token_ids": prompt_ids},
@@ -133,6 +138,47 @@ class InferenceEngine:
                 replica=self.replica,
                 adapter_version=request.adapter_version,
             )
+
+    def _lora(self, request: GenerationRequest | ScoreRequest):
+        if request.adapter_id is None or request.adapter_version is None:
+            return None
+        return self.loras.request_for(request.adapter_id, request.adapter_version)
+
+    async def score(self, request: ScoreRequest) -> ScoreResult | GenerationError:
+        """Teacher-forced log-probs of `completion` (vLLM's prompt log-probs over prompt + completion)."""
+        from vllm import SamplingParams
+
+        prompt_ids = self._prompt_ids(request)
+        completion_ids = list(self.tokenizer(request.completion, add_special_tokens=False)["input_ids"])
+        limit = self.config.model.max_model_len
+        if not completion_ids:
+            return GenerationError(status_code=400, param="completion", message="the completion is empty")
+        if len(prompt_ids) + len(completion_ids) >= limit:
+            return GenerationError(
+                status_code=400, param="completion",
+                message=f"prompt plus completion is {len(prompt_ids) + len(completion_ids)} tokens; "
+                f"this model's maximum context length is {limit} tokens",
+            )
+        try:
+            lora = self._lora(request)
+        except FileNotFoundError as exc:
+            return GenerationError(status_code=404, param="model", message=str(exc))
+        final = None
+        async for output in self.llm.generate(
+            {"prompt_token_ids": prompt_ids + completion_ids},
+            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+            request.request_id,
+            lora_request=lora,
+        ):
+            final = output
+        scored = final.prompt_logprobs[len(prompt_ids):]
+        return ScoreResult(
+            token_ids=completion_ids,
+            tokens=[entries[token].decoded_token or "" for token, entries in zip(completion_ids, scored)],
+            logprobs=[entries[token].logprob for token, entries in zip(completion_ids, scored)],
+            prompt_tokens=len(prompt_ids),
+            replica=self.replica,
+        )
 
     @staticmethod
     def _logprobs(completion, top_k: int) -> list[TokenLogprob]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
@@ -17,7 +17,14 @@ from pydantic import BaseModel
 from claas_ray.adapters.ids import AdapterIdError, validate_adapter_id
 from claas_ray.adapters.store import AdapterStore
 from claas_ray.config import ClaasConfig
-from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest, TokenLogprob
+from claas_ray.protocol.generation import (
+    GenerationDelta,
+    GenerationError,
+    GenerationRequest,
+    ScoreRequest,
+    ScoreResult,
+    TokenLogprob,
+)
 from claas_ray.protocol.openai import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -38,6 +45,8 @@ from claas_ray.protocol.openai import (
     ModelCard,
     ModelList,
     SamplingFields,
+    ScoreRequestIn,
+    ScoreResponse,
     Usage,
     new_id,
 )
@@ -47,6 +56,7 @@ from claas_ray.serving.metrics import ServingMetrics
 logger = logging.getLogger(__name__)
 
 Generate = Callable[[GenerationRequest], AsyncIterator[GenerationDelta | GenerationError]]
+Score = Callable[[ScoreRequest], Awaitable[ScoreResult | GenerationError]]
 
 
 @dataclass
@@ -77,11 +87,13 @@ class OpenAIServing:
         completions: CompletionLog,
         generate: Generate,
         metrics: ServingMetrics,
+        score: Score | None = None,
     ):
         self.config = config
         self.store = store
         self.completions = completions
         self._generate = generate
+        self._score = score
         self.metrics = metrics
         self.base_name = config.served_model_name()
 
@@ -273,6 +285,35 @@ class OpenAIServing:
             logger.exception("chat stream failed")
             yield sse(ErrorResponse.make(503, f"generation failed mid-stream: {type(exc).__name__}"))
         yield sse("[DONE]")
+
+    # --- score -------------------------------------------------------------------------------
+    async def score(self, request: ScoreRequestIn) -> ScoreResponse | ErrorResponse:
+        target = self.resolve_model(request.model)
+        if isinstance(target, ErrorResponse):
+            return target
+        if self._score is None:
+            return ErrorResponse.make(501, "scoring is not available on this server")
+        result = await self._score(
+            ScoreRequest(
+                request_id=new_id("score"),
+                messages=None if request.messages is None else [m.to_chat_message() for m in request.messages],
+                prompt=request.prompt,
+                completion=request.completion,
+                adapter_id=target.adapter_id,
+                adapter_version=target.adapter_version,
+            )
+        )
+        if isinstance(result, GenerationError):
+            return ErrorResponse.make(result.status_code, result.message, result.param)
+        return ScoreResponse(
+            model=target.model,
+            logprobs=result.logprobs,
+            tokens=result.tokens,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=len(result.token_ids),
+            logprob_sum=sum(result.logprobs),
+            claas=ClaasInfo(adapter_id=target.adapter_id, adapter_version=target.adapter_version, replica=result.replica),
+        )
 
     # --- completions ------------------------------------------------------------------------
     async def completion(self, request: CompletionRequest) -> Served | ErrorResponse:
