@@ -45,6 +45,24 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if summary["outcomes"].keys() <= {"applied"} else 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import yaml
+
+    from claas_ray.eval.report import write_report
+    from claas_ray.eval.runner import EvalConfig, run_eval
+
+    spec = yaml.safe_load(open(args.config)) if args.config else {}
+    for key in ("url", "api_key", "steps", "eval_every", "heldout_limit"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    if args.preference:
+        spec["preferences"] = args.preference
+    report = run_eval(EvalConfig.model_validate(spec))
+    paths = write_report(report, args.output)
+    print(json.dumps({name: str(path) for name, path in paths.items()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="claas-ray", description="Continual Learning as a Service on Ray Serve.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each item")
     replay.add_argument("--init", action="store_true", help="create the adapter first if it does not exist")
     replay.set_defaults(handler=_replay)
+
+    evaluate = commands.add_parser("eval", help="teach preferences through the API and measure held-out compliance")
+    evaluate.add_argument("--config", help="YAML with EvalConfig fields (claas_ray/eval/runner.py)")
+    evaluate.add_argument("--url", default=os.environ.get("CLAAS_RAY_URL"), help="claas-ray endpoint")
+    evaluate.add_argument("--api-key", default=os.environ.get("CLAAS_RAY_API_KEY"))
+    evaluate.add_argument("--preference", action="append", help="shipped name or YAML path (repeatable)")
+    evaluate.add_argument("--steps", type=int)
+    evaluate.add_argument("--eval-every", type=int)
+    evaluate.add_argument("--heldout-limit", type=int)
+    evaluate.add_argument("--output", default="reports/eval", help="folder for report.json, summary.md, plots")
+    evaluate.set_defaults(handler=_eval)
 
     models = commands.add_parser("models", help="base models: list the registry, pull one for offline use")
     model_commands = models.add_subparsers(dest="models_command", required=True)
