@@ -160,6 +160,9 @@ class RouterConfig(StrictModel):
         10000, ge=1, description="Completion records kept for feedback by completion id (oldest dropped)."
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a generation may take.")
+    eval_reports_dir: str | None = Field(
+        None, description="Folder of `claas-ray eval` outputs the dashboard shows (default: <state_dir>/eval)."
+    )
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="Largest request body (adapter imports too).")
 
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
+from claas_ray.dashboard.page import render as render_dashboard
 from claas_ray.feedback.journal import FeedbackJournal
 from claas_ray.protocol.claas import FeedbackRequest, LoraInitRequest, LoraRollbackRequest
 from claas_ray.protocol.generation import GenerationRequest, ScoreRequest
@@ -94,6 +96,8 @@ class Router:
         )
         self.journal = FeedbackJournal(self.config.state_path() / "feedback.sqlite")
         self.claas = ClaasServing(self.config, self.store, self.completions, self.journal, trainer)
+        reports = self.config.router.eval_reports_dir
+        self.eval_reports = Path(reports).expanduser() if reports else self.config.state_path() / "eval"
 
     def _generate(self, request: GenerationRequest):
         return self._inference_stream.generate.remote(request)
@@ -207,3 +211,17 @@ class Router:
     @app.get("/v1/feedback/{feedback_id}")
     async def feedback_get(self, feedback_id: str) -> Response:
         return JSONResponse(self.claas.feedback_status(feedback_id).model_dump())
+
+    # --- dashboard --------------------------------------------------------------------------
+    @app.get("/dashboard")
+    @app.get("/v1/dashboard")
+    async def dashboard(self) -> Response:
+        page = render_dashboard(self.store, self.journal.recent(50), self.eval_reports, self.openai.base_name)
+        return HTMLResponse(page)
+
+    @app.get("/dashboard/eval/{run}/compliance.png")
+    async def dashboard_plot(self, run: str) -> Response:
+        path = (self.eval_reports / run / "compliance.png").resolve()
+        if path.parent.parent != self.eval_reports.resolve() or not path.is_file():
+            return error_json(ErrorResponse.make(404, f"no evaluation plot for run '{run}'"))
+        return FileResponse(path, media_type="image/png")

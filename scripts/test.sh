@@ -4,4 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 bash scripts/setup.sh
+# The dashboard is tested in headless Chromium (Debian's package; the tests run as root in CI).
+if ! command -v chromium >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 exec .venv/bin/python -m pytest -v --durations=15 "$@"

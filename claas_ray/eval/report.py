@@ -54,7 +54,8 @@ def plot(report: EvalReport, path: Path) -> None:
     right.set(title="General-text NLL relative to base", xlabel="feedback steps", ylabel="NLL / base NLL")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -114,6 +114,12 @@ class FeedbackJournal:
             ).fetchone()
         return int(row[0])
 
+    def recent(self, limit: int = 50) -> list[FeedbackEntry]:
+        """The newest items first (the dashboard's feed)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {self._COLUMNS} FROM feedback ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [self._entry(row) for row in rows]
+
     def mark(
         self,
         feedback_ids: list[str],

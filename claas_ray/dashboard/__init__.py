@@ -1,0 +1,1 @@
+"""The dashboard: one server-rendered page of adapters, feedback and evaluation results."""
