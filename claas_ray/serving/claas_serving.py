@@ -79,11 +79,15 @@ class ClaasServing:
         self.trainer = trainer  # the trainer's Serve handle: `await trainer.method.remote(...)`
 
     # --- adapters ---------------------------------------------------------------------------
-    def _existing(self, lora_id: str, param: str = "lora_id") -> str:
+    @staticmethod
+    def _valid_id(lora_id: str, param: str = "lora_id") -> str:
         try:
-            validate_adapter_id(lora_id)
+            return validate_adapter_id(lora_id)
         except AdapterIdError as exc:
             raise _bad(400, str(exc), param) from exc
+
+    def _existing(self, lora_id: str, param: str = "lora_id") -> str:
+        self._valid_id(lora_id, param)
         if not self.store.exists(lora_id):
             raise _bad(404, f"LoRA adapter '{lora_id}' does not exist", param, "lora_not_found")
         return lora_id
@@ -94,10 +98,7 @@ class ClaasServing:
         )
 
     async def init_lora(self, request: LoraInitRequest) -> LoraDetail:
-        try:
-            validate_adapter_id(request.lora_id)
-        except AdapterIdError as exc:
-            raise _bad(400, str(exc), "lora_id") from exc
+        self._valid_id(request.lora_id)
         served = {self.config.model.base_model, self.config.served_model_name()}
         if request.base_model is not None and request.base_model not in served:
             raise _bad(400, f"this server trains adapters of '{self.config.served_model_name()}' only", "base_model")
@@ -134,10 +135,7 @@ class ClaasServing:
         return self._detail(self._existing(lora_id))
 
     async def delete_lora(self, lora_id: str) -> LoraDeleted:
-        try:
-            validate_adapter_id(lora_id)
-        except AdapterIdError as exc:
-            raise _bad(400, str(exc), "lora_id") from exc
+        self._valid_id(lora_id)
         deleted = self.store.delete(lora_id)
         if deleted:
             await self.trainer.forget_adapter.remote(lora_id)
@@ -165,10 +163,7 @@ class ClaasServing:
         return buffer.getvalue()
 
     async def import_zip(self, lora_id: str, data: bytes) -> LoraDetail:
-        try:
-            validate_adapter_id(lora_id)
-        except AdapterIdError as exc:
-            raise _bad(400, str(exc), "lora_id") from exc
+        self._valid_id(lora_id)
         if self.store.exists(lora_id):
             raise _bad(409, f"LoRA adapter '{lora_id}' already exists", "lora_id", "lora_exists")
         files = read_adapter_zip(data)

@@ -133,6 +133,14 @@ class SDPOTrainer:
             self._peft.set_adapter(which)
             yield
 
+    def _select(self, state: AdapterState | None) -> Weights:
+        """Load an adapter into the student slot, or pick the bare base model when there is none."""
+        if state is None:
+            self._ensure_slots(self._slot_lora or LoraConfig())
+            return "base"
+        self._prepare(state)
+        return STUDENT
+
     # --- adapters ---------------------------------------------------------------------------
     def init_adapter(self, lora: LoraConfig, seed: int = 0) -> AdapterState:
         """A zero-effect adapter: A random (Kaiming-uniform, as PEFT does), B zero, so output == base."""
@@ -323,12 +331,7 @@ class SDPOTrainer:
         prompt = render_prompt_ids(self.tokenizer, messages)
         ids = torch.tensor(prompt + list(response_ids), dtype=torch.long)
         response = torch.tensor(list(response_ids), dtype=torch.long)
-        if state is None:
-            self._ensure_slots(self._slot_lora or LoraConfig())
-            with self._weights("base"):
-                return float(self._chosen_logprobs(ids, response).sum())
-        self._prepare(state)
-        with self._weights(STUDENT):
+        with self._weights(self._select(state)):
             return float(self._chosen_logprobs(ids, response).sum())
 
     @torch.no_grad()
@@ -342,12 +345,9 @@ class SDPOTrainer:
     ) -> tuple[str, list[int]]:
         """Sample a response with an adapter (or the base model); returns its text and token ids."""
         prompt = torch.tensor([render_prompt_ids(self.tokenizer, messages)], device=self.device)
-        if state is None:
-            self._ensure_slots(self._slot_lora or LoraConfig())
-        else:
-            self._prepare(state)
+        weights = self._select(state)
         torch.manual_seed(seed)
-        with self._weights("base" if state is None else STUDENT):
+        with self._weights(weights):
             output = self._peft.generate(
                 input_ids=prompt,
                 attention_mask=torch.ones_like(prompt),
