@@ -93,10 +93,21 @@ class ModelConfig(StrictModel):
 class StoreConfig(StrictModel):
     """Where adapters live."""
 
-    kind: Literal["local"] = Field("local", description="Adapter store backend.")
+    kind: Literal["local", "s3"] = Field("local", description="Adapter store backend.")
     root: str = Field(
-        "~/.cache/claas-ray/adapters", description="Root folder of the local adapter store (~ is expanded)."
+        "~/.cache/claas-ray/adapters",
+        description="Root folder of the local adapter store, or the local cache of an S3 store (~ is expanded).",
     )
+    bucket: str | None = Field(None, description="S3 bucket (kind: s3). Credentials come from boto3's usual sources.")
+    prefix: str = Field("claas-ray/adapters", description="Key prefix inside the bucket (kind: s3).")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. MinIO (kind: s3); None for AWS.")
+    region: str | None = Field(None, description="S3 region (kind: s3).")
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> StoreConfig:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("store.bucket is required when store.kind is 's3'")
+        return self
 
     def root_path(self) -> Path:
         return Path(os.path.expanduser(self.root))

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -154,3 +155,46 @@ class AppHandle:
         from openai import OpenAI
 
         return OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+# --- a real S3-compatible server (moto in server mode) on 127.0.0.1 ---------------------------
+class S3Server:
+    """moto's S3 over HTTP on loopback; boto3 talks to it as it would to AWS."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.process.kill()
+        raise RuntimeError("moto_server did not start")
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+    def new_bucket(self) -> str:
+        name = f"claas-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    # Static test credentials, and no instance-metadata lookups: nothing may leave 127.0.0.1.
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    server = S3Server()
+    yield server
+    server.process.kill()
+    server.process.wait()

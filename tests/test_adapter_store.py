@@ -1,4 +1,5 @@
-"""AdapterStore on the local filesystem: ids, immutable versions, atomic publish, pointer moves."""
+"""AdapterStore, on the local filesystem and on S3 (a real moto server): ids, immutable versions, atomic
+publish, pointer moves."""
 
 from __future__ import annotations
 
@@ -9,8 +10,18 @@ import pytest
 import torch
 
 from claas_ray.adapters import AdapterIdError, AdapterState, LocalAdapterStore, validate_adapter_id
+from claas_ray.adapters.s3_store import AdapterStoreCorruptError, S3AdapterStore
 from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError
 from claas_ray.config import LoraConfig
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """Every semantic test runs against both backends."""
+    if request.param == "local":
+        return LocalAdapterStore(tmp_path)
+    server = request.getfixturevalue("s3_server")
+    return S3AdapterStore(server.new_bucket(), "tenants/adapters", client=server.client(), cache_dir=tmp_path)
 
 
 def make_state(value: float = 0.0) -> AdapterState:
@@ -40,8 +51,7 @@ def test_invalid_ids(bad):
         validate_adapter_id(bad)
 
 
-def test_create_publish_read_back(tmp_path):
-    store = LocalAdapterStore(tmp_path)
+def test_create_publish_read_back(store):
     meta0 = store.create("alice/assistant", make_state(0.0))
     assert meta0.version == 0 and store.latest_version("alice/assistant") == 0
     meta1 = store.publish("alice/assistant", make_state(1.5), parent_version=0, feedback_ids=["fb-1"], metrics={"loss": 0.25})
@@ -60,8 +70,7 @@ def test_create_publish_read_back(tmp_path):
     assert set(store.export_files("alice/assistant")) == {"adapter_config.json", "adapter_model.safetensors"}
 
 
-def test_create_twice_conflicts_and_versions_are_immutable(tmp_path):
-    store = LocalAdapterStore(tmp_path)
+def test_create_twice_conflicts_and_versions_are_immutable(store):
     store.create("bob", make_state())
     with pytest.raises(AdapterExistsError):
         store.create("bob", make_state())
@@ -70,8 +79,7 @@ def test_create_twice_conflicts_and_versions_are_immutable(tmp_path):
     assert store.read_files("bob", 0, ["adapter_config.json"])
 
 
-def test_namespaces_never_collide(tmp_path):
-    store = LocalAdapterStore(tmp_path)
+def test_namespaces_never_collide(store):
     store.create("alice", make_state(1.0))
     store.create("alice/versions", make_state(2.0))
     store.create("alice/latest", make_state(3.0))
@@ -81,7 +89,7 @@ def test_namespaces_never_collide(tmp_path):
     assert float(state.student["base_model.model.layers.0.q_proj.lora_B.weight"][0, 0]) == 1.0
 
 
-def test_interrupted_publish_leaves_nothing_visible(tmp_path, monkeypatch):
+def test_local_interrupted_publish_leaves_nothing_visible(tmp_path, monkeypatch):
     store = LocalAdapterStore(tmp_path)
     store.create("carol", make_state())
 
@@ -99,8 +107,7 @@ def test_interrupted_publish_leaves_nothing_visible(tmp_path, monkeypatch):
     assert store.publish("carol", make_state(9.0), parent_version=0).version == 1
 
 
-def test_rollback_and_delete(tmp_path):
-    store = LocalAdapterStore(tmp_path)
+def test_rollback_and_delete(store):
     store.create("dave", make_state(0.0))
     store.publish("dave", make_state(1.0), parent_version=0)
     store.publish("dave", make_state(2.0), parent_version=1)
@@ -125,3 +132,75 @@ def test_state_files_contain_no_pickles(tmp_path):
         assert not data.startswith(b"\x80"), f"{name} looks like a pickle"
     again = AdapterState.from_files(files)
     assert again.lora == make_state().lora
+
+
+def test_s3_interrupted_publish_leaves_nothing_visible(s3_server, tmp_path):
+    """A writer that dies after some objects but before the manifest publishes nothing."""
+    client = s3_server.client()
+    store = S3AdapterStore(s3_server.new_bucket(), "p", client=client, cache_dir=tmp_path)
+    store.create("ns/erin", make_state())
+    real_put, puts = client.put_object, []
+
+    def dies_after_two_objects(**kwargs):
+        if len(puts) == 2:
+            raise ConnectionError("writer died mid-publish")
+        puts.append(kwargs["Key"])
+        return real_put(**kwargs)
+
+    client.put_object = dies_after_two_objects
+    with pytest.raises(ConnectionError):
+        store.publish("ns/erin", make_state(9.0), parent_version=0)
+    client.put_object = real_put
+    assert len(puts) == 2 and all("/versions/1/" in key for key in puts)  # objects of v1 are really there
+    # ...but a second process sees no version 1, and `latest` did not move.
+    other = S3AdapterStore(store.bucket, "p", client=s3_server.client(), cache_dir=tmp_path / "other")
+    assert other.version_numbers("ns/erin") == [0] and other.latest_version("ns/erin") == 0
+    with pytest.raises(AdapterNotFoundError):
+        other.read_files("ns/erin", 1)
+    # The next publish takes number 1 and is whole.
+    meta = other.publish("ns/erin", make_state(9.0), parent_version=0)
+    state, _ = store.load_state("ns/erin")
+    assert meta.version == 1 and float(state.student["base_model.model.layers.0.q_proj.lora_B.weight"][0, 0]) == 9.0
+
+
+def test_s3_versions_are_immutable_and_verified(s3_server, tmp_path):
+    client = s3_server.client()
+    store = S3AdapterStore(s3_server.new_bucket(), "", client=client, cache_dir=tmp_path)
+    store.create("frank", make_state(1.0))
+    with pytest.raises(AdapterExistsError):
+        store._write_version("frank", 0, {"x": b"y"})  # the manifest is put only if absent
+    # A tampered object is refused, not served.
+    client.put_object(Bucket=store.bucket, Key="@/frank/versions/0/adapter_model.safetensors", Body=b"garbage")
+    with pytest.raises(AdapterStoreCorruptError, match="does not match its manifest"):
+        store.load_state("frank")
+    # Objects of another prefix in the same bucket are not adapters of this store.
+    client.put_object(Bucket=store.bucket, Key="elsewhere/x/latest", Body=b"0")
+    assert S3AdapterStore(store.bucket, "elsewhere2", client=client).list_adapters() == []
+
+
+def test_s3_store_from_config_and_peft_loads_it(s3_server, tmp_path, trainer):
+    """`store.kind: s3` from the config, an initialised adapter published to S3, and PEFT loading its copy."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    from claas_ray.adapters.store import open_store
+    from claas_ray.config import ClaasConfig
+
+    bucket = s3_server.new_bucket()
+    config = ClaasConfig.model_validate({"store": {
+        "kind": "s3", "bucket": bucket, "prefix": "adapters", "endpoint_url": s3_server.endpoint_url,
+        "region": "us-east-1", "root": str(tmp_path / "cache"),
+    }})
+    store = open_store(config.store)
+    assert isinstance(store, S3AdapterStore)
+    state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=3)
+    store.create("gina/chat", state)
+    folder = store.peft_dir("gina/chat", 0)
+    assert folder.is_relative_to(tmp_path / "cache")
+    assert PeftConfig.from_pretrained(str(folder)).r == 4
+    loaded = load_peft_weights(str(folder))
+    assert loaded.keys() == state.student.keys()
+    again, meta = open_store(config.store).load_state("gina/chat")
+    assert meta.version == 0 and all(torch.equal(again.student[k], state.student[k]) for k in state.student)
+    listed = s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert all(item["Key"].startswith("adapters/gina/chat/") for item in listed)

@@ -274,4 +274,8 @@ def open_store(config: StoreConfig) -> AdapterStore:
     """The store a config names."""
     if config.kind == "local":
         return LocalAdapterStore(config.root_path())
+    if config.kind == "s3":
+        from claas_ray.adapters.s3_store import S3AdapterStore
+
+        return S3AdapterStore.from_config(config)
     raise ValueError(f"store.kind: unsupported adapter store {config.kind!r}")

@@ -35,10 +35,16 @@ class Preference(BaseModel):
 
     name: str
     feedback: str
+    system: str | None = Field(None, description="A system prompt for every conversation, e.g. a persona to correct.")
     training_prompts: list[str] = Field(min_length=1)
     heldout_prompts: list[str] = Field(min_length=1)
     verifier: VerifierSpec
     references: References
+
+    def conversation(self, prompt: str) -> list[dict[str, str]]:
+        """The messages a user sends for one prompt: the preference's system prompt, if any, then the prompt."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": prompt}]
 
 
 def load_preference(name_or_path: str) -> Preference:

@@ -83,9 +83,9 @@ class ClaasClient:
             raise RuntimeError(f"POST {path} -> {response.status_code}: {response.text[:500]}")
         return response.json()
 
-    def chat(self, model: str, prompt: str, max_tokens: int, temperature: float, seed: int | None = None) -> dict:
+    def chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float, seed: int | None = None) -> dict:
         return self._post("/v1/chat/completions", {
-            "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": temperature, "seed": seed,
         })
 
@@ -120,9 +120,12 @@ def measure(client: ClaasClient, config: EvalConfig, preference: Preference, mod
             version: int, base: dict[str, float], probes: Capability | None) -> Checkpoint:
     prompts = preference.heldout_prompts[: config.heldout_limit]
     with ThreadPoolExecutor(config.concurrency) as pool:
-        answers = list(pool.map(lambda p: client.chat(model, p, config.max_tokens, 0.0)["choices"][0]["message"]["content"], prompts))
+        answers = list(pool.map(
+            lambda p: client.chat(model, preference.conversation(p), config.max_tokens, 0.0)["choices"][0]["message"]["content"],
+            prompts,
+        ))
     refs = preference.references
-    messages = [{"role": "user", "content": refs.prompt}]
+    messages = preference.conversation(refs.prompt)
     good = client.score(model, refs.compliant, messages=messages)
     bad = client.score(model, refs.non_compliant, messages=messages)
     margin = good["logprob_sum"] / good["completion_tokens"] - bad["logprob_sum"] / bad["completion_tokens"]
@@ -161,7 +164,7 @@ def run_eval(config: EvalConfig) -> EvalReport:
                        for i in range(config.train_batch)]
             with ThreadPoolExecutor(config.concurrency) as pool:
                 completions = list(pool.map(
-                    lambda p: client.chat(lora_id, p, config.max_tokens, config.train_temperature, seed=step), prompts
+                    lambda p: client.chat(lora_id, preference.conversation(p), config.max_tokens, config.train_temperature, seed=step), prompts
                 ))
             statuses = client.feedback([{"completion_id": c["id"], "feedback": preference.feedback} for c in completions])
             applied = [s for s in statuses if s["status"] == "applied"]

@@ -344,23 +344,43 @@ class SDPOTrainer:
         seed: int = 0,
     ) -> tuple[str, list[int]]:
         """Sample a response with an adapter (or the base model); returns its text and token ids."""
-        prompt = torch.tensor([render_prompt_ids(self.tokenizer, messages)], device=self.device)
+        return self.generate_batch(state, [messages], max_new_tokens, temperature, seed)[0]
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        state: AdapterState | None,
+        conversations: Sequence[list[ChatMessage]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[tuple[str, list[int]]]:
+        """Responses to several conversations in one left-padded batch (evaluation and tuning)."""
+        prompts = [render_prompt_ids(self.tokenizer, messages) for messages in conversations]
+        width = max(len(prompt) for prompt in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         weights = self._select(state)
         torch.manual_seed(seed)
         with self._weights(weights):
             output = self._peft.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
+                input_ids=input_ids,
+                attention_mask=attention,
                 max_new_tokens=max_new_tokens,
                 do_sample=temperature > 0,
                 temperature=temperature if temperature > 0 else None,
                 top_p=None,
                 top_k=None,
-                pad_token_id=self.tokenizer.pad_token_id,
+                pad_token_id=pad,
                 eos_token_id=self.tokenizer.eos_token_id,
             )
-        ids = output[0, prompt.shape[1]:].tolist()
-        return self.tokenizer.decode(ids, skip_special_tokens=True), ids
+        results = []
+        for row in output[:, width:].tolist():
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id) + 1]
+            results.append((self.tokenizer.decode(row, skip_special_tokens=True), row))
+        return results
 
 
 def _check_layout(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
