@@ -20,7 +20,7 @@ from claas_ray.adapters.state import AdapterState
 from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterVersionMeta, open_store
 from claas_ray.config import ClaasConfig, LoraConfig
 from claas_ray.feedback.journal import FeedbackEntry, FeedbackJournal
-from claas_ray.training.step import SDPOTrainer
+from claas_ray.backends import open_backend
 from deployments.broadcast import AdapterBroadcaster, PollResult
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class TrainerDeployment:
             # Ray gives an actor as many threads as CPUs it reserved. On the CPU build, vLLM spins on
             # the core it binds to, so more threads than reserved cores make a step slower, not faster.
             torch.set_num_threads(self.config.trainer.torch_threads)
-        self.trainer = SDPOTrainer(self.config.model)
+        self.trainer = open_backend(self.config)
         self._model_lock = asyncio.Lock()  # one model, one user at a time: steps, inits, imports
         self._wake = asyncio.Event()
         self._states: dict[str, tuple[int, AdapterState]] = {}

@@ -72,6 +72,12 @@ class SDPOTrainer:
         self._peft = None
         self._slot_lora: LoraConfig | None = None
 
+    def to_device(self, device: str) -> None:
+        """Move the model, e.g. to the GPU after a Modal memory snapshot was taken with it on the CPU."""
+        self.device = torch.device(device)
+        self.dtype = pick_dtype(self.model_config.dtype, self.device)
+        self.base.to(self.device, self.dtype)
+
     # --- LoRA slots -------------------------------------------------------------------------
     def _ensure_slots(self, lora: LoraConfig):
         from peft import LoraConfig as PeftLoraConfig
