@@ -153,24 +153,11 @@ class ModalBackendConfig(StrictModel):
     environment: str | None = Field(None, description="Modal environment; None for the workspace default.")
 
 
-class TinkerBackendConfig(StrictModel):
-    """Training (and, with `serving.engine: tinker`, sampling) on Tinker."""
-
-    base_model: str | None = Field(
-        None, description="Tinker's name of the base model; default: model.base_model."
-    )
-    kl_coef: float = Field(1.0, ge=0, description="Advantage = kl_coef * (teacher - student log-prob) per token.")
-    state_file: str = Field(
-        "tinker_adapters.json", description="Adapter id -> Tinker checkpoint paths, under state_dir."
-    )
-
-
 class TrainerConfig(StrictModel):
     """The trainer deployment and how it shares devices with inference."""
 
-    backend: Literal["local", "modal", "tinker"] = Field("local", description="Where SDPO steps run.")
+    backend: Literal["local", "modal"] = Field("local", description="Where SDPO steps run.")
     modal: ModalBackendConfig = Field(default_factory=ModalBackendConfig)
-    tinker: TinkerBackendConfig = Field(default_factory=TinkerBackendConfig)
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the trainer.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for the trainer (fractional to share a device).")
     torch_threads: int | None = Field(None, ge=1, description="Threads for a step; default: Ray's (one per reserved CPU).")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from claas_ray.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_validate():
@@ -37,3 +42,19 @@ def test_environment_overrides_yaml():
 def test_bad_environment_key_is_named():
     with pytest.raises(ConfigError, match=r"training\.nope"):
         load_config({}, environ={"CLAAS_RAY__TRAINING__NOPE": "1"})
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_serve_config_validates(path):
+    (application,) = yaml.safe_load(open(path))["applications"]
+    assert application["import_path"] == "deployments.app:build_app"
+    load_config(application["args"], environ={})
+
+
+def test_s3_store_needs_a_bucket_and_backends_are_named():
+    with pytest.raises(ConfigError, match=r"store.*bucket"):
+        load_config({"store": {"kind": "s3"}}, environ={})
+    with pytest.raises(ConfigError, match=r"trainer\.backend"):
+        load_config({"trainer": {"backend": "sagemaker"}}, environ={})
+    config = load_config({"trainer": {"backend": "modal", "modal": {"app_name": "mine"}}}, environ={})
+    assert config.trainer.modal.app_name == "mine" and config.trainer.modal.class_name == "SDPOTrainerGPU"

@@ -12,29 +12,32 @@ from conftest import VENV_BIN
 pytestmark = pytest.mark.slow
 
 
-def test_eval_job_reports_checkpoints(app, tmp_path):
+def test_eval_job_teaches_a_preference(app, tmp_path):
+    """Reduced run with the shipped defaults: `concise` on 8 held-out prompts, 4 feedback steps."""
     output = tmp_path / "eval"
     result = app.cluster.run(
         str(VENV_BIN / "ray"), "job", "submit", "--address", app.cluster.dashboard, "--",
-        "claas-ray", "eval", "--url", app.base_url, "--preference", "no_emoji", "--steps", "2", "--eval-every", "2",
-        "--heldout-limit", "4", "--output", str(output),
+        "claas-ray", "eval", "--url", app.base_url, "--preference", "concise", "--steps", "4", "--eval-every", "4",
+        "--heldout-limit", "8", "--output", str(output),
         timeout=900, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = EvalReport.model_validate_json((output / "report.json").read_text())
     (preference,) = report.results
-    assert preference.preference == "no_emoji" and preference.lora_id.startswith("eval/no_emoji-")
-    assert [c.step for c in preference.checkpoints] == [0, 2]
+    assert preference.preference == "concise" and preference.lora_id.startswith("eval/concise-")
+    assert [c.step for c in preference.checkpoints] == [0, 4]
     start, end = preference.checkpoints
-    assert start.version == 0 and end.version == 2 and preference.rejected_steps == 0
-    assert len(preference.step_metrics) == 2 and all(m["examples"] == 2.0 for m in preference.step_metrics)
+    assert start.version == 0 and end.version == 4 and preference.rejected_steps == 0
+    assert len(preference.step_metrics) == 4 and all(m["examples"] == 2.0 for m in preference.step_metrics)
+    # Feedback teaches: held-out compliance (prompts never trained on) rises above the base model's.
+    assert end.compliance >= start.compliance + 0.25, (start.compliance, end.compliance, end.samples)
+    assert end.margin > start.margin  # the compliant reference answer gained log-prob over the other
     # Version 0 is zero-effect: its capability equals the base model's.
     assert start.capability_nll_ratio == pytest.approx(1.0, abs=1e-3)
     assert start.capability_qa_accuracy == report.base_capability["qa_accuracy"]
     assert end.capability_nll_ratio != start.capability_nll_ratio  # the adapter changed
-    assert 0.0 <= end.compliance <= 1.0 and len(start.samples) == 3
-    assert end.margin != start.margin
-    assert "| no_emoji |" in (output / "summary.md").read_text()
+    assert len(start.samples) == 3
+    assert "| concise |" in (output / "summary.md").read_text()
     assert (output / "compliance.png").stat().st_size > 1000
     paths = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
     assert paths["json"].endswith("report.json")

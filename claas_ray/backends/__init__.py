@@ -1,4 +1,4 @@
-"""Where SDPO steps run: in the trainer deployment (`local`), on Modal GPUs, or on Tinker.
+"""Where SDPO steps run: in the trainer deployment (`local`) or on Modal GPUs (`modal`).
 
 Every backend offers the three calls the trainer deployment makes; the deployment itself (journal,
 publish, broadcast) is the same whichever backend computes the step.
@@ -37,8 +37,4 @@ def open_backend(config: ClaasConfig) -> TrainingBackend:
         from claas_ray.backends.modal.client import ModalTrainingBackend
 
         return ModalTrainingBackend(config)
-    if backend == "tinker":
-        from claas_ray.backends.tinker.trainer import TinkerTrainingBackend
-
-        return TinkerTrainingBackend(config)
     raise ValueError(f"trainer.backend: unsupported backend {backend!r}")
