@@ -20,7 +20,11 @@ logger = logging.getLogger(__name__)
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Validate the config (naming any bad key), make sure the base model is pulled, and wire the app."""
     config: ClaasConfig = load_config(args or {})
-    resolve_model_path(config.model.base_model)  # pull once here, not concurrently in every replica
+    # Pull the local model once here, not concurrently in every replica; on Tinker there is none.
+    if config.serving.engine == "vllm":
+        resolve_model_path(config.model.base_model)
+    elif config.tinker.service == "standin":
+        resolve_model_path(config.tinker_base_model())
     plain = config.model_dump(mode="json")
     options = {"inference": inference_options(config), "trainer": trainer_options(config)}
     logger.info("claas-ray deployment options: %s", options)

@@ -17,7 +17,13 @@ from ray.serve.handle import DeploymentHandle
 
 from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
-from claas_ray.protocol.generation import GenerationDelta, GenerationError, GenerationRequest, ScoreRequest, ScoreResult
+from claas_ray.protocol.generation import (
+    GenerationDelta,
+    GenerationError,
+    GenerationRequest,
+    ScoreRequest,
+    ScoreResult,
+)
 from claas_ray.serving.engine import InferenceEngine
 from deployments.broadcast import AdapterReceiver
 
@@ -28,8 +34,14 @@ class InferenceDeployment:
         self.config = ClaasConfig.model_validate(config)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id if context is not None else "local"
-        self.engine = InferenceEngine(self.config, open_store(self.config.store), replica=self.replica)
         self._feed = None
+        if self.config.serving.engine == "tinker":
+            from claas_ray.serving.tinker_engine import TinkerEngine  # needs the `tinker` extra
+
+            # Versions are Tinker sampler paths read from the store on demand: nothing to follow.
+            self.engine = TinkerEngine(self.config, open_store(self.config.store), replica=self.replica)
+            return
+        self.engine = InferenceEngine(self.config, open_store(self.config.store), replica=self.replica)
         if trainer is not None:
             receiver = AdapterReceiver(self.replica, trainer, self.engine, Path(self.config.trainer.tmpfs_dir))
             self._feed = asyncio.create_task(receiver.run())

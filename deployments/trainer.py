@@ -18,9 +18,9 @@ from ray import serve
 
 from claas_ray.adapters.state import AdapterState
 from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterVersionMeta, open_store
+from claas_ray.backends import open_backend
 from claas_ray.config import ClaasConfig, LoraConfig
 from claas_ray.feedback.journal import FeedbackEntry, FeedbackJournal
-from claas_ray.backends import open_backend
 from deployments.broadcast import AdapterBroadcaster, PollResult
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,13 @@ class TrainerDeployment:
             # Ray gives an actor as many threads as CPUs it reserved. On the CPU build, vLLM spins on
             # the core it binds to, so more threads than reserved cores make a step slower, not faster.
             torch.set_num_threads(self.config.trainer.torch_threads)
-        self.trainer = open_backend(self.config)
+        # Tinker keeps adapters on its side: a step there publishes checkpoint paths, not tensors.
+        self.tinker = None
+        if self.config.trainer.backend == "tinker":
+            from claas_ray.backends.tinker.trainer import TinkerSDPO  # needs the `tinker` extra
+
+            self.tinker = TinkerSDPO.from_config(self.config, self.store)
+        self.trainer = open_backend(self.config) if self.tinker is None else None
         self._model_lock = asyncio.Lock()  # one model, one user at a time: steps, inits, imports
         self._wake = asyncio.Event()
         self._states: dict[str, tuple[int, AdapterState]] = {}
@@ -63,9 +69,8 @@ class TrainerDeployment:
 
     # --- the loop ---------------------------------------------------------------------------
     async def _run(self) -> None:
-        await self.broadcaster.wait_for_replicas(
-            self.config.serving.num_replicas, timeout_s=2 * self.config.trainer.poll_timeout_s + 5
-        )
+        followers = 0 if self.tinker is not None else self.config.serving.num_replicas  # Tinker replicas read the store
+        await self.broadcaster.wait_for_replicas(followers, timeout_s=2 * self.config.trainer.poll_timeout_s + 5)
         while True:
             batch = self.journal.next_batch(self.config.trainer.max_batch_items)
             if not batch:
@@ -95,6 +100,8 @@ class TrainerDeployment:
         ids = [entry.id for entry in batch]
         started = time.time()
         self.journal.mark(ids, "training")
+        if self.tinker is not None:
+            return await self._apply_on_tinker(batch, started)
         try:
             state, parent = self._state(adapter_id)
         except AdapterNotFoundError:
@@ -145,6 +152,24 @@ class TrainerDeployment:
             logger.warning("version %d of %s reached %d of %d replicas", version, adapter_id, acked, live)
         self.journal.mark(ids, "applied", version=version, metrics=metrics)
 
+    async def _apply_on_tinker(self, batch: list[FeedbackEntry], started: float) -> None:
+        """The step and the publish happen on Tinker and in the store; replicas read the new sampler path."""
+        ids = [entry.id for entry in batch]
+        try:
+            async with self._model_lock:
+                meta = await asyncio.to_thread(
+                    self.tinker.step, batch[0].adapter_id, [entry.example for entry in batch], self.config.training
+                )
+        except AdapterNotFoundError:
+            self.journal.mark(ids, "rejected", reason=f"adapter {batch[0].adapter_id!r} no longer exists")
+            return
+        except ValueError as exc:
+            self.journal.mark(ids, "rejected", reason=str(exc))
+            return
+        self.steps += 1
+        metrics = {**meta.metrics, "queue_s": started - min(entry.created_at for entry in batch)}
+        self.journal.mark(ids, "applied", version=meta.version, metrics=metrics)
+
     async def _sleep_inference(self) -> None:
         if self.config.trainer.colocation == "sleep":
             command = await self.broadcaster.control("sleep", self.config.trainer.sleep_level)
@@ -164,10 +189,14 @@ class TrainerDeployment:
         if self.store.exists(adapter_id):
             raise AdapterExistsError(f"adapter {adapter_id!r} already exists")
         async with self._model_lock:
+            if self.tinker is not None:
+                return await asyncio.to_thread(self.tinker.init_adapter, adapter_id, LoraConfig.model_validate(lora))
             state = await asyncio.to_thread(self.trainer.init_adapter, LoraConfig.model_validate(lora))
         return self.store.create(adapter_id, state)
 
     async def import_adapter(self, adapter_id: str, files: dict[str, bytes]) -> AdapterVersionMeta:
+        if self.tinker is not None:
+            raise ValueError("adapters trained on Tinker live there: importing weights files is not supported")
         state = AdapterState.from_files(files)
         state.base_model = self.config.model.base_model
         state.teacher = {name: tensor.clone() for name, tensor in state.student.items()}

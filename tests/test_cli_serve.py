@@ -7,7 +7,6 @@ import signal
 import subprocess
 
 import pytest
-
 from conftest import ROOT, VENV_BIN, free_port, wait_for, write_serve_config
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_validate():
     config = load_config({}, environ={})
-    assert config.training.teacher == "ema" and config.training.top_k == 100 and config.lora.rank == 16
+    assert config.training.teacher == "base" and config.training.alpha == 0.0 and config.training.top_k == 100 and config.lora.rank == 16
 
 
 def test_unknown_key_is_named():
@@ -46,7 +46,7 @@ def test_bad_environment_key_is_named():
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_serve_config_validates(path):
-    (application,) = yaml.safe_load(open(path))["applications"]
+    (application,) = yaml.safe_load(Path(path).read_text())["applications"]
     assert application["import_path"] == "deployments.app:build_app"
     load_config(application["args"], environ={})
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import VENV_BIN
 
 from claas_ray.eval.runner import EvalReport
-from conftest import VENV_BIN
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import pytest
 from claas_ray.eval.metrics import distinct_n, mean_words, repetition_rate
 from claas_ray.eval.preferences import SHIPPED, VerifierSpec, load_capability, load_preference
 from claas_ray.eval.report import write_report
-from claas_ray.eval.runner import Checkpoint, EvalConfig, EvalReport, PreferenceResult
+from claas_ray.eval.runner import Checkpoint, EvalConfig, EvalReport, PreferenceResult, check_target
 from claas_ray.eval.verifiers import complies, has_emoji, language_of, sentence_count
 
 
@@ -75,8 +75,23 @@ def test_report_files(tmp_path):
         base_capability={"nll": 2.0, "qa_accuracy": 0.75},
         results=[PreferenceResult(preference="no_emoji", lora_id="eval/x", checkpoints=checkpoints)],
     )
+    (check,) = report.targets = [check_target(r) for r in report.results]
+    assert check.met and check.first_step_at_target == 4 and check.capability_loss == pytest.approx(0.02)
     paths = write_report(report, tmp_path)
     summary = paths["markdown"].read_text()
-    assert "| no_emoji | 0.00 | 0.90 | 0.90 | -0.200 -> +0.400 | +2.0% | 0.75 (0.75) | 0 |" in summary
+    assert ("| no_emoji | 0.00 | 0.90 | 0.90 | -0.200 -> +0.400 | +2.0% | 0.75 (0.75) | 0.90 -> 0.90 | 0.01 -> 0.01 "
+            "| 0 | yes |") in summary
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert EvalReport.model_validate_json(paths["json"].read_text()) == report
+
+
+def test_target_needs_compliance_kept_and_capability():
+    def result(points):
+        return PreferenceResult(preference="p", lora_id="x", checkpoints=[
+            Checkpoint(step=s, version=s, compliance=c, margin=0, capability_nll_ratio=r, distinct_2=1, mean_words=1,
+                       repetition=0, samples=[]) for s, c, r in points])
+
+    assert not check_target(result([(0, 0.0, 1.0), (4, 0.9, 1.0), (8, 0.1, 1.0)])).met  # reached, then collapsed
+    assert not check_target(result([(0, 0.0, 1.0), (8, 0.9, 1.05)])).met  # capability lost
+    late = check_target(result([(0, 0.0, 1.0), (8, 0.5, 1.0), (10, 0.9, 1.0)]))
+    assert not late.met and late.best_compliance_within_8_steps == 0.5

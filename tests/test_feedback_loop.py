@@ -12,9 +12,10 @@ import zipfile
 import httpx
 import psutil
 import pytest
+from conftest import VENV_BIN
 
 from claas_ray.adapters import LocalAdapterStore
-from conftest import VENV_BIN
+from claas_ray.config import TrainingConfig
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,8 @@ def test_claas_shaped_feedback_and_status(app):
     assert payload["lora_id"] == "loop/bob" and payload["batch_size"] == 1
     (status,) = wait_final(app, [payload["items"][0]["id"]])
     assert status["status"] == "applied" and status["version"] == 1
-    assert status["metrics"]["learning_rate"] == pytest.approx(3e-4)  # a request cannot set hyperparameters
+    # A request cannot set hyperparameters: the configured (default) learning rate was used.
+    assert status["metrics"]["learning_rate"] == pytest.approx(TrainingConfig().learning_rate)
 
 
 def trainer_pids() -> list[int]:

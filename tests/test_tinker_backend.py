@@ -13,8 +13,14 @@ import tinker
 from tinker import types
 
 from claas_ray.backends.tinker import sdk
-from claas_ray.backends.tinker.standin import StandInSamplingClient, StandInTinkerService, StandInTrainingClient
-from claas_ray.backends.tinker.trainer import TinkerAdapterRegistry, TinkerSDPO
+from claas_ray.backends.tinker.standin import (
+    StandInSamplingClient,
+    StandInTinkerService,
+    StandInTrainingClient,
+)
+from claas_ray.backends.tinker.store import TinkerAdapterStore
+from claas_ray.backends.tinker.trainer import TinkerSDPO
+from claas_ray.adapters.store import AdapterNotFoundError
 from claas_ray.chat import ChatMessage
 from claas_ray.config import LoraConfig, TrainingConfig
 from claas_ray.training.example import TrainingExample
@@ -55,15 +61,15 @@ def test_requests_are_valid_sdk_types():
 
 @pytest.fixture(scope="module")
 def tinker_sdpo(tmp_path_factory):
-    service = StandInTinkerService("smollm2-135m", rank=8)
-    registry = TinkerAdapterRegistry(tmp_path_factory.mktemp("tinker") / "tinker_adapters.json")
-    return TinkerSDPO(service, "smollm2-135m", registry, kl_coef=1.0)
+    folder = tmp_path_factory.mktemp("tinker")
+    service = StandInTinkerService("smollm2-135m", rank=8, checkpoint_dir=str(folder / "standin"))
+    return TinkerSDPO(service, "smollm2-135m", TinkerAdapterStore(folder / "tinker_adapters.json"), kl_coef=1.0)
 
 
 def test_sdpo_on_tinker_moves_the_student_toward_the_teacher(tinker_sdpo):
     trainer = tinker_sdpo
-    version = trainer.init_adapter("sam/chat", LoraConfig(rank=8, alpha=16), seed=1)
-    assert version.version == 0 and version.sampler_path.startswith("tinker://")
+    meta = trainer.init_adapter("sam/chat", LoraConfig(rank=8, alpha=16), seed=1)
+    assert meta.version == 0 and trainer.store.checkpoint("sam/chat", 0).sampler_path.startswith("tinker://")
     messages = [ChatMessage(role="user", content="Tell me about the ocean.")]
     feedback = "Answer only in French."
 
@@ -81,7 +87,6 @@ def test_sdpo_on_tinker_moves_the_student_toward_the_teacher(tinker_sdpo):
         return sum(sdk.response_logprobs(trainer.sampler("sam/chat"), student_prompt, target))
 
     before = student_logprob()
-    gaps = []
     for step in range(4):
         tokens, logprobs, _ = sdk.sample(trainer.sampler("sam/chat"), student_prompt,
                                          sdk.sampling_params(24, 1.0, seed=step))
@@ -89,14 +94,21 @@ def test_sdpo_on_tinker_moves_the_student_toward_the_teacher(tinker_sdpo):
                                   feedback=feedback, feedback_id=f"fb-{step}")
         new = trainer.step("sam/chat", [example], config)
         assert new.version == step + 1 and new.feedback_ids == [f"fb-{step}"]
-        gaps.append(new.metrics["teacher_minus_student_logprob"])
+        assert new.parent_version == step and new.metrics["tokens"] == len(tokens)
     after = student_logprob()
     assert after > before + 1.0, (before, after)
 
-    # The registry is a plain JSON file another process can read back.
-    again = TinkerAdapterRegistry(trainer.registry.path)
-    adapter = again.get("sam/chat")
-    assert adapter.latest == 4 and [v.version for v in adapter.versions] == [0, 1, 2, 3, 4]
-    assert again.latest("sam/chat").sampler_path == trainer.registry.latest("sam/chat").sampler_path
+    # The store is a plain JSON file another process reads back; a second stand-in (another process's
+    # view of the service) loads the checkpoints it names.
+    again = TinkerAdapterStore(trainer.store.path)
+    assert again.latest_version("sam/chat") == 4 and again.version_numbers("sam/chat") == [0, 1, 2, 3, 4]
+    assert [m.feedback_ids for m in again.list_versions("sam/chat")][1:] == [[f"fb-{i}"] for i in range(4)]
+    other = StandInTinkerService("smollm2-135m", rank=8, checkpoint_dir=str(trainer.service.checkpoint_dir))
+    sampler_path = again.checkpoint("sam/chat", 4).sampler_path
+    assert other.get_checkpoint(sampler_path).lora.keys() == trainer.service.get_checkpoint(sampler_path).lora.keys()
+    with pytest.raises(AdapterNotFoundError, match="lives on Tinker"):
+        again.export_files("sam/chat")
+    again.rollback("sam/chat", 2)
+    assert trainer.store.latest_version("sam/chat") == 2
     text_ids, _, reason = sdk.sample(trainer.sampler("sam/chat"), student_prompt, sdk.sampling_params(8, 0.0))
     assert 0 < len(text_ids) <= 8 and reason in ("length", "stop")

@@ -141,8 +141,11 @@ class AdapterStore(ABC):
         return self._publish(meta, state)
 
     def _publish(self, meta: AdapterVersionMeta, state: AdapterState) -> AdapterVersionMeta:
-        files = state.to_files()
-        files[META_FILE] = meta.model_dump_json(indent=2).encode()
+        return self.publish_files(meta, state.to_files())
+
+    def publish_files(self, meta: AdapterVersionMeta, files: dict[str, bytes]) -> AdapterVersionMeta:
+        """Write a version's files and its meta, then move `latest`: the commit order every backend keeps."""
+        files = {**files, META_FILE: meta.model_dump_json(indent=2).encode()}
         self._write_version(meta.adapter_id, meta.version, files)
         self._write_latest(meta.adapter_id, meta.version)
         return meta
@@ -278,4 +281,8 @@ def open_store(config: StoreConfig) -> AdapterStore:
         from claas_ray.adapters.s3_store import S3AdapterStore
 
         return S3AdapterStore.from_config(config)
+    if config.kind == "tinker":
+        from claas_ray.backends.tinker.store import TinkerAdapterStore
+
+        return TinkerAdapterStore(config.root_path() / "tinker_adapters.json")
     raise ValueError(f"store.kind: unsupported adapter store {config.kind!r}")

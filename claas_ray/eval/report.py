@@ -24,17 +24,23 @@ def markdown(report: EvalReport) -> str:
         f"Endpoint {report.config.url}, {report.config.steps} feedback steps of {report.config.train_batch} items, "
         f"measured every {report.config.eval_every} steps on held-out prompts.",
         "",
-        "| preference | compliance at 0 | final | best | log-prob margin 0 -> final | capability NLL change | QA accuracy (base) | rejected steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| preference | compliance at 0 | final | best | log-prob margin 0 -> final | capability NLL change "
+        "| QA accuracy (base) | distinct-2 0 -> final | repetition 0 -> final | rejected steps | target met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     base_qa = report.base_capability.get("qa_accuracy")
+    met = {check.preference: check.met for check in report.targets}
     for result in report.results:
         first, last = result.checkpoints[0], result.checkpoints[-1]
         qa = "n/a" if last.capability_qa_accuracy is None else f"{last.capability_qa_accuracy:.2f} ({base_qa:.2f})"
         lines.append(
             f"| {result.preference} | {first.compliance:.2f} | {last.compliance:.2f} | {best_compliance(result):.2f} | "
-            f"{first.margin:+.3f} -> {last.margin:+.3f} | {capability_loss(result):+.1%} | {qa} | {result.rejected_steps} |"
+            f"{first.margin:+.3f} -> {last.margin:+.3f} | {capability_loss(result):+.1%} | {qa} | "
+            f"{first.distinct_2:.2f} -> {last.distinct_2:.2f} | {first.repetition:.2f} -> {last.repetition:.2f} | "
+            f"{result.rejected_steps} | {'yes' if met.get(result.preference) else 'no'} |"
         )
+    lines += ["", "Target: held-out compliance >= 0.8 by step 8 and still there at the last checkpoint, "
+              "general-text NLL no more than 3% above the base model's."]
     return "\n".join(lines) + "\n"
 
 

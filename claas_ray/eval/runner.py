@@ -62,12 +62,23 @@ class PreferenceResult(BaseModel):
     step_metrics: list[dict[str, float]] = Field(default_factory=list)
 
 
+class TargetCheck(BaseModel):
+    """The project's bar for one preference: held-out compliance >= 0.8 within 8 steps, capability loss <= 3%."""
+
+    preference: str
+    best_compliance_within_8_steps: float
+    first_step_at_target: int | None
+    capability_loss: float | None
+    met: bool
+
+
 class EvalReport(BaseModel):
     config: EvalConfig
     started_at: float
     finished_at: float
     base_capability: dict[str, float] = Field(default_factory=dict)
     results: list[PreferenceResult]
+    targets: list[TargetCheck] = Field(default_factory=list)
 
 
 class ClaasClient:
@@ -162,9 +173,11 @@ def run_eval(config: EvalConfig) -> EvalReport:
         for step in range(1, config.steps + 1):
             prompts = [preference.training_prompts[(step * config.train_batch + i) % len(preference.training_prompts)]
                        for i in range(config.train_batch)]
+            conversations = [preference.conversation(p) for p in prompts]
             with ThreadPoolExecutor(config.concurrency) as pool:
                 completions = list(pool.map(
-                    lambda p: client.chat(lora_id, preference.conversation(p), config.max_tokens, config.train_temperature, seed=step), prompts
+                    client.chat, [lora_id] * len(prompts), conversations, [config.max_tokens] * len(prompts),
+                    [config.train_temperature] * len(prompts), [step] * len(prompts),
                 ))
             statuses = client.feedback([{"completion_id": c["id"], "feedback": preference.feedback} for c in completions])
             applied = [s for s in statuses if s["status"] == "applied"]
@@ -179,7 +192,25 @@ def run_eval(config: EvalConfig) -> EvalReport:
             progress.set_postfix(preference=preference.name, compliance=f"{result.checkpoints[-1].compliance:.2f}")
         results.append(result)
     progress.close()
-    return EvalReport(config=config, started_at=started, finished_at=time.time(), base_capability=base, results=results)
+    return EvalReport(config=config, started_at=started, finished_at=time.time(), base_capability=base, results=results,
+                      targets=[check_target(result) for result in results])
+
+
+COMPLIANCE_TARGET, STEPS_TARGET, CAPABILITY_LOSS_TARGET = 0.8, 8, 0.03
+
+
+def check_target(result: PreferenceResult) -> TargetCheck:
+    within = [c for c in result.checkpoints if c.step <= STEPS_TARGET]
+    reached = [c.step for c in within if c.compliance >= COMPLIANCE_TARGET]
+    loss = capability_loss(result)
+    loss = None if math.isnan(loss) else loss
+    return TargetCheck(
+        preference=result.preference,
+        best_compliance_within_8_steps=max(c.compliance for c in within),
+        first_step_at_target=reached[0] if reached else None,
+        capability_loss=loss,
+        met=bool(reached) and within[-1].compliance >= COMPLIANCE_TARGET and (loss is None or loss <= CAPABILITY_LOSS_TARGET),
+    )
 
 
 def best_compliance(result: PreferenceResult) -> float:

@@ -67,7 +67,7 @@ class FeedbackItemIn(ClaasRequest):
     )
 
     @model_validator(mode="after")
-    def _complete(self) -> "FeedbackItemIn":
+    def _complete(self) -> FeedbackItemIn:
         if self.completion_id is not None:
             if self.messages is not None or self.prompt is not None or self.response is not None:
                 raise ValueError("give either completion_id or messages/prompt + response, not both")

@@ -39,7 +39,7 @@ class ErrorResponse(BaseModel):
     status_code: int = Field(400, exclude=True)
 
     @classmethod
-    def make(cls, status_code: int, message: str, param: str | None = None, code: str | None = None) -> "ErrorResponse":
+    def make(cls, status_code: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
         kind = {
             400: "invalid_request_error",
             401: "authentication_error",
@@ -94,7 +94,7 @@ class SamplingFields(OpenAIRequest):
         return value
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "SamplingFields":
+    def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -130,7 +130,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _chat_rules(self) -> "ChatCompletionRequest":
+    def _chat_rules(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.response_format is not None and self.response_format.get("type") != "text":
@@ -240,7 +240,7 @@ class CompletionRequest(SamplingFields):
         return value
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
+    def _unsupported(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo is not supported")
         if self.suffix:
@@ -282,7 +282,7 @@ class ScoreRequestIn(OpenAIRequest):
     completion: str = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _one_context(self) -> "ScoreRequestIn":
+    def _one_context(self) -> ScoreRequestIn:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
         return self

@@ -56,6 +56,46 @@ def engine_args(config: ClaasConfig):
     return AsyncEngineArgs(**kwargs)
 
 
+def prompt_ids_for(tokenizer, request: GenerationRequest | ScoreRequest) -> list[int]:
+    """A chat through the model's template, or a raw prompt with the tokenizer's special tokens."""
+    if request.messages is not None:
+        return render_prompt_ids(tokenizer, request.messages)
+    return list(tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+
+
+def tokens_to_generate(prompt_ids: list[int], request: GenerationRequest, limit: int) -> int | GenerationError:
+    """max_tokens (all the room left by default), or the 400 that says why the request cannot fit."""
+    room = limit - len(prompt_ids)
+    if room <= 0:
+        return GenerationError(
+            status_code=400, param="messages",
+            message=f"the prompt is {len(prompt_ids)} tokens; this model's maximum context length is {limit} tokens",
+        )
+    max_tokens = request.max_tokens if request.max_tokens is not None else room
+    if max_tokens > room:
+        return GenerationError(
+            status_code=400, param="max_tokens",
+            message=f"max_tokens={max_tokens} plus a {len(prompt_ids)}-token prompt exceeds this model's "
+            f"maximum context length of {limit} tokens",
+        )
+    return max_tokens
+
+
+def score_inputs(tokenizer, request: ScoreRequest, limit: int) -> tuple[list[int], list[int]] | GenerationError:
+    """(prompt ids, completion ids) of a score request, or the 400 that says why it cannot be scored."""
+    prompt_ids = prompt_ids_for(tokenizer, request)
+    completion_ids = list(tokenizer(request.completion, add_special_tokens=False)["input_ids"])
+    if not completion_ids:
+        return GenerationError(status_code=400, param="completion", message="the completion is empty")
+    if len(prompt_ids) + len(completion_ids) >= limit:
+        return GenerationError(
+            status_code=400, param="completion",
+            message=f"prompt plus completion is {len(prompt_ids) + len(completion_ids)} tokens; "
+            f"this model's maximum context length is {limit} tokens",
+        )
+    return prompt_ids, completion_ids
+
+
 class InferenceEngine:
     """One vLLM engine plus the adapter versions it can serve."""
 
@@ -74,9 +114,7 @@ class InferenceEngine:
         self.loras = LoraVersions(store.peft_dir, capacity=max(1024, config.serving.max_cpu_loras))
 
     def _prompt_ids(self, request: GenerationRequest | ScoreRequest) -> list[int]:
-        if request.messages is not None:
-            return render_prompt_ids(self.tokenizer, request.messages)
-        return list(self.tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+        return prompt_ids_for(self.tokenizer, request)
 
     def _sampling_params(self, request: GenerationRequest, max_tokens: int):
         from vllm import SamplingParams
@@ -97,21 +135,9 @@ class InferenceEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
         """Stream deltas; a request that cannot run yields one GenerationError and nothing else."""
         prompt_ids = self._prompt_ids(request)
-        limit = self.config.model.max_model_len
-        room = limit - len(prompt_ids)
-        if room <= 0:
-            yield GenerationError(
-                status_code=400, param="messages",
-                message=f"the prompt is {len(prompt_ids)} tokens; this model's maximum context length is {limit} tokens",
-            )
-            return
-        max_tokens = request.max_tokens if request.max_tokens is not None else room
-        if max_tokens > room:
-            yield GenerationError(
-                status_code=400, param="max_tokens",
-                message=f"max_tokens={max_tokens} plus a {len(prompt_ids)}-token prompt exceeds this model's "
-                f"maximum context length of {limit} tokens",
-            )
+        max_tokens = tokens_to_generate(prompt_ids, request, self.config.model.max_model_len)
+        if isinstance(max_tokens, GenerationError):
+            yield max_tokens
             return
         try:
             lora = self._lora(request)
@@ -148,17 +174,10 @@ class InferenceEngine:
         """Teacher-forced log-probs of `completion` (vLLM's prompt log-probs over prompt + completion)."""
         from vllm import SamplingParams
 
-        prompt_ids = self._prompt_ids(request)
-        completion_ids = list(self.tokenizer(request.completion, add_special_tokens=False)["input_ids"])
-        limit = self.config.model.max_model_len
-        if not completion_ids:
-            return GenerationError(status_code=400, param="completion", message="the completion is empty")
-        if len(prompt_ids) + len(completion_ids) >= limit:
-            return GenerationError(
-                status_code=400, param="completion",
-                message=f"prompt plus completion is {len(prompt_ids) + len(completion_ids)} tokens; "
-                f"this model's maximum context length is {limit} tokens",
-            )
+        scored_ids = score_inputs(self.tokenizer, request, self.config.model.max_model_len)
+        if isinstance(scored_ids, GenerationError):
+            return scored_ids
+        prompt_ids, completion_ids = scored_ids
         try:
             lora = self._lora(request)
         except FileNotFoundError as exc:

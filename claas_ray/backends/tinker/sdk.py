@@ -27,7 +27,7 @@ def model_input(tokens: Sequence[int]) -> types.ModelInput:
 
 
 def sampling_params(max_tokens: int, temperature: float, seed: int | None = None,
-                    stop: Sequence[int] | None = None, top_p: float = 1.0) -> types.SamplingParams:
+                    stop: Sequence[str] | Sequence[int] | None = None, top_p: float = 1.0) -> types.SamplingParams:
     return types.SamplingParams(
         max_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop) if stop else None, top_p=top_p
     )

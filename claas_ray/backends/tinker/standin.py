@@ -12,19 +12,23 @@ types, and futures with `.result()` like the SDK's:
   SamplingClient sample, compute_logprobs, get_tokenizer
 
 Weights are a LoRA on every attention and MLP projection, updated with torch's AdamW semantics as
-Tinker documents; checkpoints live in memory under `tinker://standin-...` paths.
+Tinker documents. Checkpoints get `tinker://standin/<id>` paths; with a `checkpoint_dir` they are
+safetensors files there, so stand-ins in several processes (trainer, replicas) share them as they would
+share Tinker's.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tinker import types
 
 from claas_ray.models.registry import resolve_model_path
@@ -59,7 +63,7 @@ class _Weights:
 class StandInTinkerService:
     """Stand-in for `tinker.ServiceClient` (one base model, one LoRA rank per instance)."""
 
-    def __init__(self, base_model: str, rank: int = 16):
+    def __init__(self, base_model: str, rank: int = 16, checkpoint_dir: str | None = None):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,8 +76,8 @@ class StandInTinkerService:
             parameter.requires_grad_(False)
         self.model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS)))
         self.model.eval()
-        self.checkpoints: dict[str, _Weights] = {}
-        self._ids = itertools.count(1)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self._checkpoints: dict[str, _Weights] = {}
         self.lock = threading.Lock()  # one model: one request at a time
 
     # --- helpers for the clients ------------------------------------------------------------
@@ -100,8 +104,30 @@ class StandInTinkerService:
         if base_model is not None and base_model != self.base_model:
             raise ValueError(f"this stand-in serves {self.base_model!r}, not {base_model!r}")
 
-    def new_path(self, kind: str, name: str) -> str:
-        return f"tinker://standin-{next(self._ids)}/{kind}/{name}"
+    def put_checkpoint(self, kind: str, name: str, weights: _Weights) -> str:
+        key = f"{uuid.uuid4().hex}-{kind}-{name}"
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tensors = dict(weights.lora)
+            for param, (m, v) in weights.moments.items():
+                tensors[f"m::{param}"], tensors[f"v::{param}"] = m, v
+            tensors["steps"] = torch.tensor(float(weights.steps))
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(self.checkpoint_dir / f"{key}.safetensors"))
+        self._checkpoints[key] = weights.copy()
+        return f"tinker://standin/{key}"
+
+    def get_checkpoint(self, path: str) -> _Weights:
+        key = path.removeprefix("tinker://standin/")
+        if key not in self._checkpoints:
+            file = None if self.checkpoint_dir is None else self.checkpoint_dir / f"{key}.safetensors"
+            if file is None or "/" in key or not file.is_file():
+                raise KeyError(f"no checkpoint {path!r}")
+            tensors = load_file(str(file))
+            steps = int(tensors.pop("steps"))
+            lora = {k: t for k, t in tensors.items() if "::" not in k}
+            moments = {k: (tensors[f"m::{k}"], tensors[f"v::{k}"]) for k in lora if f"m::{k}" in tensors}
+            self._checkpoints[key] = _Weights(lora, moments, steps)
+        return self._checkpoints[key].copy()
 
     # --- tinker.ServiceClient ---------------------------------------------------------------
     def create_lora_training_client(
@@ -119,18 +145,15 @@ class StandInTinkerService:
         weights_access_token: str | None = None,
     ) -> _Done:
         self._check_model(base_model)
-        if path not in self.checkpoints:
-            raise KeyError(f"no checkpoint {path!r}")
-        return _Done(StandInTrainingClient(self, self.checkpoints[path].copy()))
+        return _Done(StandInTrainingClient(self, self.get_checkpoint(path)))
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None, retry_config: Any = None,
         record_stability_info: bool = False,
     ) -> _Done:
         self._check_model(base_model)
-        if model_path is not None and model_path not in self.checkpoints:
-            raise KeyError(f"no checkpoint {model_path!r}")
-        return _Done(StandInSamplingClient(self, self.checkpoints.get(model_path)))
+        weights = None if model_path is None else self.get_checkpoint(model_path)
+        return _Done(StandInSamplingClient(self, weights))
 
 
 class StandInTrainingClient:
@@ -200,15 +223,12 @@ class StandInTrainingClient:
 
     def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                    user_metadata: dict[str, str] | None = None) -> _Done:
-        path = self.service.new_path("weights", name)
-        self.service.checkpoints[path] = self.weights.copy()
-        return _Done(types.SaveWeightsResponse(path=path))
+        return _Done(types.SaveWeightsResponse(path=self.service.put_checkpoint("weights", name, self.weights)))
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  user_metadata: dict[str, str] | None = None) -> _Done:
-        path = self.service.new_path("sampler_weights", name)
-        self.service.checkpoints[path] = _Weights({k: v.clone() for k, v in self.weights.lora.items()})
-        return _Done(types.SaveWeightsForSamplerResponse(path=path))
+        weights = _Weights(self.weights.lora)
+        return _Done(types.SaveWeightsForSamplerResponse(path=self.service.put_checkpoint("sampler", name, weights)))
 
 
 class StandInSamplingClient:

@@ -11,142 +11,76 @@ distillation in its terms, as the Tinker cookbook does it:
 3. per-token advantages `kl_coef * (teacher - student)` and Tinker's `importance_sampling` loss, whose
    gradient is that of the reverse KL to the teacher on the sampled tokens;
 4. `optim_step` with our AdamW settings, then `save_state` (weights + Adam moments, to resume) and
-   `save_weights_for_sampler` (to serve). The paths go into `TinkerAdapterRegistry`, a JSON file.
+   `save_weights_for_sampler` (to serve). The paths are published as a version of the adapter in
+   `TinkerAdapterStore`, a local JSON file.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
-
-from claas_ray.adapters.ids import validate_adapter_id
-from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError
+from claas_ray.adapters.store import AdapterExistsError, AdapterVersionMeta
 from claas_ray.backends.tinker import sdk
-from claas_ray.config import LoraConfig, TrainingConfig
+from claas_ray.backends.tinker.store import TinkerAdapterStore, TinkerCheckpoint
+from claas_ray.config import ClaasConfig, LoraConfig, TrainingConfig
 from claas_ray.training.example import TrainingExample, tokenize_example
 from claas_ray.training.teacher import hindsight_messages
 
 
-class TinkerVersion(BaseModel):
-    version: int = Field(ge=0)
-    state_path: str
-    sampler_path: str
-    parent_version: int | None = None
-    created_at: float = Field(default_factory=time.time)
-    feedback_ids: list[str] = Field(default_factory=list)
-    metrics: dict[str, float] = Field(default_factory=dict)
+def connect_service(config: ClaasConfig) -> Any:
+    """Tinker's ServiceClient, or the named local stand-in when `tinker.service: standin`."""
+    if config.tinker.service == "standin":
+        from claas_ray.backends.tinker.standin import StandInTinkerService
 
-
-class TinkerAdapter(BaseModel):
-    rank: int
-    latest: int
-    versions: list[TinkerVersion]
-
-
-class TinkerAdapterRegistry:
-    """Adapter id -> its Tinker checkpoints, in one JSON file replaced atomically on every change."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-
-    def _read(self) -> dict[str, TinkerAdapter]:
-        if not self.path.exists():
-            return {}
-        return {k: TinkerAdapter.model_validate(v) for k, v in json.loads(self.path.read_text()).items()}
-
-    def _write(self, adapters: dict[str, TinkerAdapter]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temp, "w") as handle:
-            json.dump({k: v.model_dump() for k, v in adapters.items()}, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self.path)
-
-    def get(self, adapter_id: str) -> TinkerAdapter:
-        adapter = self._read().get(validate_adapter_id(adapter_id))
-        if adapter is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
-        return adapter
-
-    def latest(self, adapter_id: str) -> TinkerVersion:
-        adapter = self.get(adapter_id)
-        return next(v for v in adapter.versions if v.version == adapter.latest)
-
-    def list_adapters(self, prefix: str = "") -> list[str]:
-        return sorted(k for k in self._read() if k.startswith(prefix))
-
-    def create(self, adapter_id: str, rank: int, first: TinkerVersion) -> None:
-        with self._lock:
-            adapters = self._read()
-            if validate_adapter_id(adapter_id) in adapters:
-                raise AdapterExistsError(f"adapter {adapter_id!r} already exists")
-            adapters[adapter_id] = TinkerAdapter(rank=rank, latest=first.version, versions=[first])
-            self._write(adapters)
-
-    def publish(self, adapter_id: str, version: TinkerVersion) -> None:
-        with self._lock:
-            adapters = self._read()
-            adapter = adapters.get(adapter_id)
-            if adapter is None:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
-            if any(v.version == version.version for v in adapter.versions):
-                raise AdapterExistsError(f"adapter {adapter_id!r} version {version.version} already exists")
-            adapter.versions.append(version)
-            adapter.latest = version.version
-            self._write(adapters)
-
-    def delete(self, adapter_id: str) -> bool:
-        with self._lock:
-            adapters = self._read()
-            if adapters.pop(adapter_id, None) is None:
-                return False
-            self._write(adapters)
-            return True
+        return StandInTinkerService(
+            config.tinker_base_model(), rank=config.lora.rank, checkpoint_dir=str(config.state_path() / "tinker-standin")
+        )
+    return sdk.connect()
 
 
 class TinkerSDPO:
     """Per-adapter LoRA training on Tinker with the SDPO signal; see the module docstring."""
 
-    def __init__(self, service: Any, base_model: str, registry: TinkerAdapterRegistry, kl_coef: float = 1.0,
+    def __init__(self, service: Any, base_model: str, store: TinkerAdapterStore, kl_coef: float = 1.0,
                  max_len: int = 4096):
         self.service = service
         self.base_model = base_model
-        self.registry = registry
+        self.store = store
         self.kl_coef = kl_coef
         self.max_len = max_len
         self._base_sampler = sdk.sampling_client(service, base_model=base_model)
         self.tokenizer = self._base_sampler.get_tokenizer()
 
-    def init_adapter(self, adapter_id: str, lora: LoraConfig, seed: int = 0) -> TinkerVersion:
-        validate_adapter_id(adapter_id)
-        if adapter_id in self.registry.list_adapters():
+    @classmethod
+    def from_config(cls, config: ClaasConfig, store: TinkerAdapterStore) -> TinkerSDPO:
+        return cls(connect_service(config), config.tinker_base_model(), store, config.tinker.kl_coef,
+                   max_len=config.model.max_model_len)
+
+    def init_adapter(self, adapter_id: str, lora: LoraConfig, seed: int = 0) -> AdapterVersionMeta:
+        if self.store.version_numbers(adapter_id):
             raise AdapterExistsError(f"adapter {adapter_id!r} already exists")
         training = sdk.new_training_client(self.service, self.base_model, lora.rank, seed)
-        state_path, sampler_path = sdk.save(training, _checkpoint_name(adapter_id, 0))
-        first = TinkerVersion(version=0, state_path=state_path, sampler_path=sampler_path)
-        self.registry.create(adapter_id, lora.rank, first)
-        return first
+        checkpoint = _save(training, adapter_id, 0)
+        meta = AdapterVersionMeta(adapter_id=adapter_id, version=0, base_model=self.base_model,
+                                  note=f"initial Tinker LoRA, rank {lora.rank}")
+        return self.store.publish_files(meta, self.store.checkpoint_files(checkpoint))
 
-    def sampler(self, adapter_id: str | None) -> Any:
-        """A sampling client for an adapter's latest version, or the base model for None."""
+    def sampler(self, adapter_id: str | None, version: int | None = None) -> Any:
+        """A sampling client for an adapter version (latest by default), or the base model for None."""
         if adapter_id is None:
             return self._base_sampler
-        return sdk.sampling_client(self.service, model_path=self.registry.latest(adapter_id).sampler_path)
+        version = self.store.latest_version(adapter_id) if version is None else version
+        return sdk.sampling_client(self.service, model_path=self.store.checkpoint(adapter_id, version).sampler_path)
 
-    def step(self, adapter_id: str, examples: Sequence[TrainingExample], config: TrainingConfig) -> TinkerVersion:
+    def step(self, adapter_id: str, examples: Sequence[TrainingExample], config: TrainingConfig) -> AdapterVersionMeta:
+        """One SDPO step on the adapter's latest version, published as the next version."""
         if not examples:
             raise ValueError("a step needs at least one example")
         started = time.perf_counter()
-        current = self.registry.latest(adapter_id)
+        parent = self.store.latest_version(adapter_id)
+        current = self.store.checkpoint(adapter_id, parent)
         student = sdk.sampling_client(self.service, model_path=current.sampler_path)
         teacher = self._base_sampler if config.teacher == "base" else student
         datums, gaps, tokens = [], [], 0
@@ -166,8 +100,8 @@ class TinkerSDPO:
             tokens += len(response)
         training = sdk.resume_training_client(self.service, current.state_path)
         tinker_metrics = sdk.train_step(training, datums, sdk.adam_params(config))
-        version = current.version + 1
-        state_path, sampler_path = sdk.save(training, _checkpoint_name(adapter_id, version))
+        version = self.store.next_version(adapter_id)
+        checkpoint = _save(training, adapter_id, version)
         metrics = {
             "teacher_minus_student_logprob": sum(gaps) / tokens,
             "tokens": float(tokens),
@@ -176,13 +110,13 @@ class TinkerSDPO:
             "step_seconds": time.perf_counter() - started,
             **{f"tinker/{k}": float(v) for k, v in tinker_metrics.items()},
         }
-        new = TinkerVersion(
-            version=version, state_path=state_path, sampler_path=sampler_path, parent_version=current.version,
+        meta = AdapterVersionMeta(
+            adapter_id=adapter_id, version=version, parent_version=parent, base_model=self.base_model,
             feedback_ids=[e.feedback_id for e in examples if e.feedback_id], metrics=metrics,
         )
-        self.registry.publish(adapter_id, new)
-        return new
+        return self.store.publish_files(meta, self.store.checkpoint_files(checkpoint))
 
 
-def _checkpoint_name(adapter_id: str, version: int) -> str:
-    return f"{adapter_id.replace('/', '--')}-v{version}"
+def _save(training: Any, adapter_id: str, version: int) -> TinkerCheckpoint:
+    state_path, sampler_path = sdk.save(training, f"{adapter_id.replace('/', '--')}-v{version}")
+    return TinkerCheckpoint(state_path=state_path, sampler_path=sampler_path)
