@@ -22,6 +22,8 @@ def trainer():
 
 
 # --- a real local Ray cluster and the real app, once per session -------------------------------
+import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +96,28 @@ def orphan_engines() -> list:
         if title.startswith("VLLM::") and process.info["ppid"] == 1:
             found.append(process)
     return found
+
+
+@contextlib.contextmanager
+def claas_ray_serve(config: Path, log_path: Path, port: int):
+    """`claas-ray serve --address local` (a fresh cluster of its own) until the block ends, then SIGTERM."""
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "claas-ray"), "serve", "--config", str(config), "--address", "local"],
+            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_for(f"http://127.0.0.1:{port}/health", timeout=420, process=process)
+            yield process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                raise
 
 
 def write_serve_config(source: Path, target: Path, port: int, overrides: dict) -> Path:

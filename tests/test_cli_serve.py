@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-
 import pytest
-from conftest import ROOT, VENV_BIN, free_port, wait_for, write_serve_config
+from conftest import ROOT, claas_ray_serve, free_port, write_serve_config
 
 pytestmark = pytest.mark.slow
 
@@ -18,15 +14,7 @@ def test_claas_ray_serve_runs_the_local_config(tmp_path):
         ROOT / "configs" / "local.yaml", tmp_path / "serve.yaml", port,
         {"store": {"root": str(tmp_path / "adapters")}, "state_dir": str(tmp_path / "state")},
     )
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path / "serve.log", "w")
-    process = subprocess.Popen(
-        [str(VENV_BIN / "claas-ray"), "serve", "--config", str(config), "--address", "local"],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        wait_for(f"http://127.0.0.1:{port}/health", timeout=420, process=process)
+    with claas_ray_serve(config, tmp_path / "serve.log", port) as process:
         from openai import OpenAI
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -35,12 +23,4 @@ def test_claas_ray_serve_runs_the_local_config(tmp_path):
         )
         assert reply.choices[0].message.content
         assert f"http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-        log.close()
     assert process.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]

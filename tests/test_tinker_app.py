@@ -4,13 +4,9 @@ service (Tinker cannot be reached from here)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-
 import httpx
 import pytest
-from conftest import ROOT, VENV_BIN, free_port, wait_for, write_serve_config
+from conftest import ROOT, claas_ray_serve, free_port, write_serve_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +25,8 @@ def tinker_app(tmp_path_factory):
             "state_dir": str(workdir / "state"),
         },
     )
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    log = open(workdir / "serve.log", "w")  # noqa: SIM115 (closed in teardown)
-    process = subprocess.Popen(
-        [str(VENV_BIN / "claas-ray"), "serve", "--config", str(config), "--address", "local"],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{base_url}/health", timeout=420, process=process)
-        yield base_url, workdir
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    with claas_ray_serve(config, workdir / "serve.log", port):
+        yield f"http://127.0.0.1:{port}", workdir
 
 
 def test_chat_and_feedback_loop_on_tinker(tinker_app):

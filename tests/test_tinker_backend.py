@@ -12,6 +12,7 @@ import pytest
 import tinker
 from tinker import types
 
+from claas_ray.adapters.store import AdapterNotFoundError
 from claas_ray.backends.tinker import sdk
 from claas_ray.backends.tinker.standin import (
     StandInSamplingClient,
@@ -20,7 +21,6 @@ from claas_ray.backends.tinker.standin import (
 )
 from claas_ray.backends.tinker.store import TinkerAdapterStore
 from claas_ray.backends.tinker.trainer import TinkerSDPO
-from claas_ray.adapters.store import AdapterNotFoundError
 from claas_ray.chat import ChatMessage
 from claas_ray.config import LoraConfig, TrainingConfig
 from claas_ray.training.example import TrainingExample

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import psutil
 
@@ -96,6 +97,37 @@ def score_inputs(tokenizer, request: ScoreRequest, limit: int) -> tuple[list[int
     return prompt_ids, completion_ids
 
 
+def admit_generation(
+    tokenizer, request: GenerationRequest, limit: int, resolve: Callable[[GenerationRequest], Any]
+) -> tuple[list[int], int, Any] | GenerationError:
+    """(prompt ids, max_tokens, the engine's handle of the adapter) or the 4xx error for the client.
+
+    `resolve` turns the request's adapter version into whatever the engine runs it with; a version the
+    store does not have is a 404.
+    """
+    prompt_ids = prompt_ids_for(tokenizer, request)
+    max_tokens = tokens_to_generate(prompt_ids, request, limit)
+    if isinstance(max_tokens, GenerationError):
+        return max_tokens
+    try:
+        return prompt_ids, max_tokens, resolve(request)
+    except FileNotFoundError as exc:
+        return GenerationError(status_code=404, param="model", message=str(exc))
+
+
+def admit_score(
+    tokenizer, request: ScoreRequest, limit: int, resolve: Callable[[ScoreRequest], Any]
+) -> tuple[list[int], list[int], Any] | GenerationError:
+    """(prompt ids, completion ids, the adapter handle) of a score request, or the 4xx error."""
+    scored_ids = score_inputs(tokenizer, request, limit)
+    if isinstance(scored_ids, GenerationError):
+        return scored_ids
+    try:
+        return *scored_ids, resolve(request)
+    except FileNotFoundError as exc:
+        return GenerationError(status_code=404, param="model", message=str(exc))
+
+
 class InferenceEngine:
     """One vLLM engine plus the adapter versions it can serve."""
 
@@ -112,9 +144,6 @@ class InferenceEngine:
         self._reaper = orphan_reaper.start(os.getpid(), engine_pids)
         self.tokenizer = self.llm.get_tokenizer()
         self.loras = LoraVersions(store.peft_dir, capacity=max(1024, config.serving.max_cpu_loras))
-
-    def _prompt_ids(self, request: GenerationRequest | ScoreRequest) -> list[int]:
-        return prompt_ids_for(self.tokenizer, request)
 
     def _sampling_params(self, request: GenerationRequest, max_tokens: int):
         from vllm import SamplingParams
@@ -134,17 +163,11 @@ class InferenceEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
         """Stream deltas; a request that cannot run yields one GenerationError and nothing else."""
-        prompt_ids = self._prompt_ids(request)
-        max_tokens = tokens_to_generate(prompt_ids, request, self.config.model.max_model_len)
-        if isinstance(max_tokens, GenerationError):
-            yield max_tokens
+        admitted = admit_generation(self.tokenizer, request, self.config.model.max_model_len, self._lora)
+        if isinstance(admitted, GenerationError):
+            yield admitted
             return
-        try:
-            lora = self._lora(request)
-        except FileNotFoundError as exc:
-            yield GenerationError(status_code=404, param="model", message=str(exc))
-            return
-
+        prompt_ids, max_tokens, lora = admitted
         async for output in self.llm.generate(
             {"prompt_token_ids": prompt_ids},
             self._sampling_params(request, max_tokens),
@@ -174,14 +197,10 @@ class InferenceEngine:
         """Teacher-forced log-probs of `completion` (vLLM's prompt log-probs over prompt + completion)."""
         from vllm import SamplingParams
 
-        scored_ids = score_inputs(self.tokenizer, request, self.config.model.max_model_len)
-        if isinstance(scored_ids, GenerationError):
-            return scored_ids
-        prompt_ids, completion_ids = scored_ids
-        try:
-            lora = self._lora(request)
-        except FileNotFoundError as exc:
-            return GenerationError(status_code=404, param="model", message=str(exc))
+        admitted = admit_score(self.tokenizer, request, self.config.model.max_model_len, self._lora)
+        if isinstance(admitted, GenerationError):
+            return admitted
+        prompt_ids, completion_ids, lora = admitted
         final = None
         async for output in self.llm.generate(
             {"prompt_token_ids": prompt_ids + completion_ids},

@@ -13,7 +13,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from claas_ray.adapters.store import AdapterNotFoundError
 from claas_ray.backends.tinker import sdk
 from claas_ray.backends.tinker.store import TinkerAdapterStore
 from claas_ray.backends.tinker.trainer import connect_service
@@ -26,7 +25,7 @@ from claas_ray.protocol.generation import (
     ScoreResult,
     TokenLogprob,
 )
-from claas_ray.serving.engine import prompt_ids_for, score_inputs, tokens_to_generate
+from claas_ray.serving.engine import admit_generation, admit_score
 
 
 class TinkerEngine:
@@ -52,16 +51,11 @@ class TinkerEngine:
         return self._samplers[key]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
-        prompt_ids = prompt_ids_for(self.tokenizer, request)
-        max_tokens = tokens_to_generate(prompt_ids, request, self.config.model.max_model_len)
-        if isinstance(max_tokens, GenerationError):
-            yield max_tokens
+        admitted = admit_generation(self.tokenizer, request, self.config.model.max_model_len, self._sampler)
+        if isinstance(admitted, GenerationError):
+            yield admitted
             return
-        try:
-            sampler = self._sampler(request)
-        except AdapterNotFoundError as exc:
-            yield GenerationError(status_code=404, param="model", message=str(exc))
-            return
+        prompt_ids, max_tokens, sampler = admitted
         params = sdk.sampling_params(max_tokens, request.temperature, request.seed, request.stop, request.top_p)
         tokens, logprobs, reason = await asyncio.to_thread(sdk.sample, sampler, prompt_ids, params)
         text_tokens = [t for t in tokens if t not in self.tokenizer.all_special_ids]
@@ -76,14 +70,10 @@ class TinkerEngine:
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResult | GenerationError:
-        scored_ids = score_inputs(self.tokenizer, request, self.config.model.max_model_len)
-        if isinstance(scored_ids, GenerationError):
-            return scored_ids
-        prompt_ids, completion_ids = scored_ids
-        try:
-            sampler = self._sampler(request)
-        except AdapterNotFoundError as exc:
-            return GenerationError(status_code=404, param="model", message=str(exc))
+        admitted = admit_score(self.tokenizer, request, self.config.model.max_model_len, self._sampler)
+        if isinstance(admitted, GenerationError):
+            return admitted
+        prompt_ids, completion_ids, sampler = admitted
         logprobs = await asyncio.to_thread(sdk.response_logprobs, sampler, prompt_ids, completion_ids)
         return ScoreResult(
             token_ids=completion_ids, tokens=[self.tokenizer.decode([t]) for t in completion_ids], logprobs=logprobs,
