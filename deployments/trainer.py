@@ -3,7 +3,9 @@
 A Serve deployment with one replica: a named Ray actor that Serve restarts if it dies. On start it
 replays the journal (exactly-once through the versions' feedback ids), then loops: take the oldest
 adapter's queued items as one batch, run one guarded SDPO step, publish the version, broadcast it to
-every inference replica, and only then mark the items applied.
+every inference replica, and only then mark the items applied. The step runs here or on Modal
+(`claas_ray/backends`); on Tinker the step and the weights stay there and a version is a checkpoint path
+the replicas read from the store, so nothing is broadcast.
 """
 
 from __future__ import annotations

@@ -58,9 +58,8 @@ class TinkerEngine:
         prompt_ids, max_tokens, sampler = admitted
         params = sdk.sampling_params(max_tokens, request.temperature, request.seed, request.stop, request.top_p)
         tokens, logprobs, reason = await asyncio.to_thread(sdk.sample, sampler, prompt_ids, params)
-        text_tokens = [t for t in tokens if t not in self.tokenizer.all_special_ids]
         yield GenerationDelta(
-            text=self.tokenizer.decode(text_tokens),
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
             token_ids=tokens,
             logprobs=[TokenLogprob(token_id=t, token=self.tokenizer.decode([t]), logprob=lp) for t, lp in zip(tokens, logprobs)],
             finish_reason="length" if reason == "length" else "stop",
