@@ -13,7 +13,8 @@ export CLAAS_RAY__STORE__ROOT="$(mktemp -d)/adapters" CLAAS_RAY__STATE_DIR="$(mk
 
 .venv/bin/claas-ray serve --config configs/local.yaml --address local --port "$PORT" &
 SERVER=$!
-trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+# SIGTERM: a background job of a non-interactive shell ignores SIGINT.
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
   kill -0 $SERVER 2>/dev/null || { echo "claas-ray serve exited" >&2; exit 1; }

@@ -160,7 +160,7 @@ class TrainerDeployment:
         try:
             async with self._model_lock:
                 meta = await asyncio.to_thread(
-                    self.tinker.step, batch[0].adapter_id, [entry.example for entry in batch], self.config.training
+                    self.tinker.step, batch[0].adapter_id, [entry.example for entry in batch], self.config.training, ids
                 )
         except AdapterNotFoundError:
             self.journal.mark(ids, "rejected", reason=f"adapter {batch[0].adapter_id!r} no longer exists")

@@ -80,7 +80,7 @@ def test_report_files(tmp_path):
     paths = write_report(report, tmp_path)
     summary = paths["markdown"].read_text()
     assert ("| no_emoji | 0.00 | 0.90 | 0.90 | -0.200 -> +0.400 | +2.0% | 0.75 (0.75) | 0.90 -> 0.90 | 0.01 -> 0.01 "
-            "| 0 | yes |") in summary
+            "| 0 | yes | no |") in summary
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert EvalReport.model_validate_json(paths["json"].read_text()) == report
 
@@ -95,3 +95,13 @@ def test_target_needs_compliance_kept_and_capability():
     assert not check_target(result([(0, 0.0, 1.0), (8, 0.9, 1.05)])).met  # capability lost
     late = check_target(result([(0, 0.0, 1.0), (8, 0.5, 1.0), (10, 0.9, 1.0)]))
     assert not late.met and late.best_compliance_within_8_steps == 0.5
+    assert not late.collapsed
+
+
+def test_collapse_is_flagged():
+    points = [(0, 0.0, 0.8, 0.05), (8, 1.0, 0.1, 0.8)]
+    result = PreferenceResult(preference="p", lora_id="x", checkpoints=[
+        Checkpoint(step=s, version=s, compliance=c, margin=0, capability_nll_ratio=1.0, distinct_2=d, mean_words=5,
+                   repetition=r, samples=[]) for s, c, d, r in points])
+    check = check_target(result)
+    assert check.met and check.collapsed

@@ -25,11 +25,11 @@ def markdown(report: EvalReport) -> str:
         f"measured every {report.config.eval_every} steps on held-out prompts.",
         "",
         "| preference | compliance at 0 | final | best | log-prob margin 0 -> final | capability NLL change "
-        "| QA accuracy (base) | distinct-2 0 -> final | repetition 0 -> final | rejected steps | target met |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| QA accuracy (base) | distinct-2 0 -> final | repetition 0 -> final | rejected steps | target met | collapsed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     base_qa = report.base_capability.get("qa_accuracy")
-    met = {check.preference: check.met for check in report.targets}
+    targets = {check.preference: check for check in report.targets}
     for result in report.results:
         first, last = result.checkpoints[0], result.checkpoints[-1]
         qa = "n/a" if last.capability_qa_accuracy is None else f"{last.capability_qa_accuracy:.2f} ({base_qa:.2f})"
@@ -37,11 +37,17 @@ def markdown(report: EvalReport) -> str:
             f"| {result.preference} | {first.compliance:.2f} | {last.compliance:.2f} | {best_compliance(result):.2f} | "
             f"{first.margin:+.3f} -> {last.margin:+.3f} | {capability_loss(result):+.1%} | {qa} | "
             f"{first.distinct_2:.2f} -> {last.distinct_2:.2f} | {first.repetition:.2f} -> {last.repetition:.2f} | "
-            f"{result.rejected_steps} | {'yes' if met.get(result.preference) else 'no'} |"
+            f"{result.rejected_steps} | {_yes(targets, result.preference, 'met')} | {_yes(targets, result.preference, 'collapsed')} |"
         )
     lines += ["", "Target: held-out compliance >= 0.8 by step 8 and still there at the last checkpoint, "
-              "general-text NLL no more than 3% above the base model's."]
+              "general-text NLL no more than 3% above the base model's. Collapsed: distinct-2 of the answers "
+              "under half the base model's, or repetition above 0.5 (not part of the target, but it should be)."]
     return "\n".join(lines) + "\n"
+
+
+def _yes(targets: dict, preference: str, field: str) -> str:
+    check = targets.get(preference)
+    return "n/a" if check is None else ("yes" if getattr(check, field) else "no")
 
 
 def plot(report: EvalReport, path: Path) -> None:

@@ -70,6 +70,10 @@ class TargetCheck(BaseModel):
     first_step_at_target: int | None
     capability_loss: float | None
     met: bool
+    collapsed: bool = Field(
+        description="Answers degenerated: distinct-2 under half the base model's, or repetition above 0.5. "
+        "The issue's target does not count this; a user would."
+    )
 
 
 class EvalReport(BaseModel):
@@ -210,6 +214,7 @@ def check_target(result: PreferenceResult) -> TargetCheck:
         first_step_at_target=reached[0] if reached else None,
         capability_loss=loss,
         met=bool(reached) and within[-1].compliance >= COMPLIANCE_TARGET and (loss is None or loss <= CAPABILITY_LOSS_TARGET),
+        collapsed=within[-1].distinct_2 < 0.5 * within[0].distinct_2 or within[-1].repetition > 0.5,
     )
 
 

@@ -74,8 +74,13 @@ class TinkerSDPO:
         version = self.store.latest_version(adapter_id) if version is None else version
         return sdk.sampling_client(self.service, model_path=self.store.checkpoint(adapter_id, version).sampler_path)
 
-    def step(self, adapter_id: str, examples: Sequence[TrainingExample], config: TrainingConfig) -> AdapterVersionMeta:
-        """One SDPO step on the adapter's latest version, published as the next version."""
+    def step(self, adapter_id: str, examples: Sequence[TrainingExample], config: TrainingConfig,
+             feedback_ids: Sequence[str] | None = None) -> AdapterVersionMeta:
+        """One SDPO step on the adapter's latest version, published as the next version.
+
+        `feedback_ids` go into the version's meta: after a crash, the trainer deployment finds there which
+        feedback a version already applied (exactly once); they default to the examples' own ids.
+        """
         if not examples:
             raise ValueError("a step needs at least one example")
         started = time.perf_counter()
@@ -112,7 +117,8 @@ class TinkerSDPO:
         }
         meta = AdapterVersionMeta(
             adapter_id=adapter_id, version=version, parent_version=parent, base_model=self.base_model,
-            feedback_ids=[e.feedback_id for e in examples if e.feedback_id], metrics=metrics,
+            feedback_ids=list(feedback_ids) if feedback_ids is not None else [e.feedback_id for e in examples if e.feedback_id],
+            metrics=metrics,
         )
         return self.store.publish_files(meta, self.store.checkpoint_files(checkpoint))
 
