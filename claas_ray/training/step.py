@@ -209,9 +209,13 @@ class SDPOTrainer:
             ]
 
     @torch.no_grad()
-    def _base_logprobs(self, batch: list[TokenizedExample]) -> list[torch.Tensor]:
+    def _base_distributions(self, batch: list[TokenizedExample]) -> list[torch.Tensor]:
+        """The base model's log-softmax [T, V] at each response position: for the k3 leash and the guard."""
         with self._weights("base"):
-            return [self._chosen_logprobs(item.student_ids, item.response_ids) for item in batch]
+            return [
+                torch.log_softmax(self._response_logits(item.student_ids, item.response_ids.shape[0]), -1)
+                for item in batch
+            ]
 
     # --- the step ---------------------------------------------------------------------------
     def step(self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig) -> StepResult:
@@ -223,7 +227,13 @@ class SDPOTrainer:
         batch = self._tokenize(examples, config)
         self._prepare(state)
         targets = self._teacher_targets(batch, config)
-        base_logprobs = self._base_logprobs(batch) if config.kl_weight > 0 else [None] * len(batch)
+        need_base = config.kl_weight > 0 or config.max_kl_to_base is not None
+        base = self._base_distributions(batch) if need_base else [None] * len(batch)
+        base_logprobs = [  # the base's log-probs of the chosen tokens, for the k3 leash
+            None if dist is None or config.kl_weight == 0
+            else dist.gather(-1, item.response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
+            for item, dist in zip(batch, base)
+        ]
 
         params = self._slot_params(STUDENT)
         optimizer = _make_optimizer(params, state.optimizer, config)
@@ -272,7 +282,7 @@ class SDPOTrainer:
         optimizer.step()
 
         if config.max_kl_to_base is not None:
-            kl_after = self._kl_to_base(batch)
+            kl_after = self._kl_to_base(batch, base)
             metrics["kl_to_base_after"] = kl_after
             if not math.isfinite(kl_after) or kl_after > config.max_kl_to_base:
                 return self._reject(
@@ -299,7 +309,7 @@ class SDPOTrainer:
         return StepResult(accepted=False, state=state, metrics=metrics, reason=reason)
 
     @torch.no_grad()
-    def _kl_to_base(self, batch: list[TokenizedExample]) -> float:
+    def _kl_to_base(self, batch: list[TokenizedExample], base: list[torch.Tensor]) -> float:
         """Exact KL(student || base) over the whole vocabulary, per response position, token-mean.
 
         The k3 estimate on the chosen tokens is fine as a loss term but useless as a guard after a step: the
@@ -307,14 +317,11 @@ class SDPOTrainer:
         exp(base - student) explode (hundreds of nats) on a perfectly healthy step.
         """
         total, count = 0.0, 0
-        for item in batch:
-            length = item.response_ids.shape[0]
-            with self._weights("base"):
-                base = torch.log_softmax(self._response_logits(item.student_ids, length), -1)
-            with self._weights(STUDENT):
-                student = torch.log_softmax(self._response_logits(item.student_ids, length), -1)
-            total += float((student.exp() * (student - base)).sum())
-            count += length
+        with self._weights(STUDENT):
+            for item, base_dist in zip(batch, base):
+                student = torch.log_softmax(self._response_logits(item.student_ids, item.response_ids.shape[0]), -1)
+                total += float((student.exp() * (student - base_dist)).sum())
+                count += item.response_ids.shape[0]
         return total / max(count, 1)
 
     # --- measurement and sampling (tests, evaluation, benchmarks) ---------------------------
