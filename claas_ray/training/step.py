@@ -228,11 +228,11 @@ class SDPOTrainer:
         self._prepare(state)
         targets = self._teacher_targets(batch, config)
         need_base = config.kl_weight > 0 or config.max_kl_to_base is not None
-        base = self._base_distributions(batch) if need_base else [None] * len(batch)
+        base_dists = self._base_distributions(batch) if need_base else [None] * len(batch)
         base_logprobs = [  # the base's log-probs of the chosen tokens, for the k3 leash
             None if dist is None or config.kl_weight == 0
             else dist.gather(-1, item.response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
-            for item, dist in zip(batch, base)
+            for item, dist in zip(batch, base_dists)
         ]
 
         params = self._slot_params(STUDENT)
@@ -243,7 +243,7 @@ class SDPOTrainer:
         with self._weights(STUDENT):
             self._peft.train(self._slot_lora is not None and self._slot_lora.dropout > 0)
             try:
-                for item, target, base in zip(batch, targets, base_logprobs):
+                for item, target, chosen_base in zip(batch, targets, base_logprobs):
                     out = sdpo_loss(
                         self._response_logits(item.student_ids, item.response_ids.shape[0]),
                         item.response_ids.to(self.device),
@@ -251,7 +251,7 @@ class SDPOTrainer:
                         alpha=config.alpha,
                         is_clip=config.is_clip,
                         kl_weight=config.kl_weight,
-                        base_logprobs=base,
+                        base_logprobs=chosen_base,
                         sampling_logprobs=None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device),
                     )
                     (out.loss_sum / total_tokens).backward()
@@ -282,7 +282,7 @@ class SDPOTrainer:
         optimizer.step()
 
         if config.max_kl_to_base is not None:
-            kl_after = self._kl_to_base(batch, base)
+            kl_after = self._kl_to_base(batch, base_dists)
             metrics["kl_to_base_after"] = kl_after
             if not math.isfinite(kl_after) or kl_after > config.max_kl_to_base:
                 return self._reject(
