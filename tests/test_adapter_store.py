@@ -170,7 +170,8 @@ def test_s3_versions_are_immutable_and_verified(s3_server, tmp_path):
     with pytest.raises(AdapterExistsError):
         store._write_version("frank", 0, {"x": b"y"})  # the manifest is put only if absent
     # A tampered object is refused, not served.
-    client.put_object(Bucket=store.bucket, Key="@/frank/versions/0/adapter_model.safetensors", Body=b"garbage")
+    manifest = json.loads(client.get_object(Bucket=store.bucket, Key="@/frank/versions/0/manifest.json")["Body"].read())
+    client.put_object(Bucket=store.bucket, Key=manifest["files"]["adapter_model.safetensors"]["key"], Body=b"garbage")
     with pytest.raises(AdapterStoreCorruptError, match="does not match its manifest"):
         store.load_state("frank")
     # Objects of another prefix in the same bucket are not adapters of this store.
@@ -204,3 +205,25 @@ def test_s3_store_from_config_and_peft_loads_it(s3_server, tmp_path, trainer):
     assert meta.version == 0 and all(torch.equal(again.student[k], state.student[k]) for k in state.student)
     listed = s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]
     assert all(item["Key"].startswith("adapters/gina/chat/") for item in listed)
+
+
+def test_s3_racing_writers_cannot_mix_their_objects(s3_server, tmp_path):
+    """Two publishers of the same version number: one manifest lands, and its objects are its own."""
+    client = s3_server.client()
+    first = S3AdapterStore(s3_server.new_bucket(), "race", client=client, cache_dir=tmp_path)
+    second = S3AdapterStore(first.bucket, "race", client=s3_server.client(), cache_dir=tmp_path / "b")
+    first.create("gus", make_state(0.0))
+    real_put = client.put_object
+
+    def second_writer_sneaks_in(**kwargs):
+        if kwargs["Key"].endswith("manifest.json") and "/versions/1/" in kwargs["Key"]:
+            client.put_object = real_put
+            second.publish("gus", make_state(2.0), parent_version=0, version=1)  # lands first
+        return real_put(**kwargs)
+
+    client.put_object = second_writer_sneaks_in
+    with pytest.raises(AdapterExistsError):
+        first.publish("gus", make_state(1.0), parent_version=0, version=1)
+    client.put_object = real_put
+    state, meta = first.load_state("gus")  # whole and verified: the winner's bytes, not a mix
+    assert meta.version == 1 and float(state.student["base_model.model.layers.0.q_proj.lora_B.weight"][0, 0]) == 2.0

@@ -2,14 +2,16 @@
 
 Layout under `s3://<bucket>/<prefix>/`, mirroring the local store:
 
-    <namespace or @>/<name>/versions/<n>/<file>       the version's files
-    <namespace or @>/<name>/versions/<n>/manifest.json   written last: names, sizes and SHA-256 of the files
-    <namespace or @>/<name>/latest                    the current version number
+    <namespace or @>/<name>/versions/<n>/<upload>/<file>  the version's files, under one upload's own key
+    <namespace or @>/<name>/versions/<n>/manifest.json     written last: each file's key, size and SHA-256
+    <namespace or @>/<name>/latest                      the current version number
 
 S3 has no rename, so a version is made visible by its manifest instead: objects first, then the manifest
-(only if none exists yet: versions are immutable), then `latest`. A publish interrupted before its
-manifest leaves objects nobody lists or reads, and the next publish of that number overwrites them.
-Reads check every file against the manifest, so a torn or tampered object is an error, not a bad adapter.
+(only if none exists yet: versions are immutable), then `latest`. Each publish writes its objects under a
+fresh upload key, so two writers racing for one number cannot overwrite each other's objects: the manifest
+that lands first names its own. A publish interrupted before its manifest leaves objects nobody lists or
+reads. Reads check every file against the manifest, so a torn or tampered object is an error, not a bad
+adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -115,7 +118,7 @@ class S3AdapterStore(AdapterStore):
             raise AdapterNotFoundError(f"adapter {adapter_id!r} version {version} lacks {missing}")
         files = {}
         for name in wanted:
-            data = self._get(self._version_key(adapter_id, version) + name)
+            data = self._get(manifest[name]["key"])
             if data is None or hashlib.sha256(data).hexdigest() != manifest[name]["sha256"]:
                 raise AdapterStoreCorruptError(
                     f"adapter {adapter_id!r} version {version}: {name} is missing or does not match its manifest"
@@ -127,9 +130,11 @@ class S3AdapterStore(AdapterStore):
         key = self._version_key(adapter_id, version)
         if self._get(key + MANIFEST_FILE) is not None:
             raise AdapterExistsError(f"adapter {adapter_id!r} version {version} already exists")
+        upload = f"{key}{uuid.uuid4().hex}/"
+        manifest = {}
         for name, data in files.items():
-            self._put(key + name, data)
-        manifest = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+            self._put(upload + name, data)
+            manifest[name] = {"key": upload + name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         try:
             self._put(key + MANIFEST_FILE, json.dumps({"files": manifest}, indent=2).encode(), only_if_absent=True)
         except self.client.exceptions.ClientError as exc:
