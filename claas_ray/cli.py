@@ -35,6 +35,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_new(args: argparse.Namespace) -> int:
+    """A fresh key on stderr (shown once), its keys-file entry (a digest, no secret) on stdout."""
+    import secrets
+
+    import yaml
+
+    from claas_ray.config import ApiKey
+    from claas_ray.serving.auth import digest
+
+    if not args.tenant and not args.admin:
+        raise ValueError("give --tenant NAME, or --admin")
+    key = f"sk-claas-{secrets.token_urlsafe(32)}"
+    entry = ApiKey(key_sha256=digest(key), tenant=args.tenant, admin=args.admin)
+    print(f"API key (store it now; only its digest is kept): {key}", file=sys.stderr)
+    print(yaml.safe_dump([entry.model_dump(exclude_none=True, exclude_defaults=False)], sort_keys=False), end="")
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -92,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--heldout-limit", type=int)
     evaluate.add_argument("--output", default="reports/eval", help="folder for report.json, summary.md, plots")
     evaluate.set_defaults(handler=_eval)
+
+    keys = commands.add_parser("keys", help="API keys for auth.keys_file")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new_key = key_commands.add_parser("new", help="make a key: the key on stderr, its keys-file entry on stdout")
+    new_key.add_argument("--tenant", help="the namespace the key owns (adapters '<tenant>/...')")
+    new_key.add_argument("--admin", action="store_true", help="a key that manages every namespace")
+    new_key.set_defaults(handler=_keys_new)
 
     models = commands.add_parser("models", help="base models: list the registry, pull one for offline use")
     model_commands = models.add_subparsers(dest="models_command", required=True)

@@ -201,7 +201,46 @@ class RouterConfig(StrictModel):
     eval_reports_dir: str | None = Field(
         None, description="Folder of `claas-ray eval` outputs the dashboard shows (default: <state_dir>/eval)."
     )
-    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="Largest request body (adapter imports too).")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest JSON request body.")
+    max_import_bytes: int = Field(
+        512 * 2**20, ge=1024, description="Largest adapter zip accepted by `POST /v1/lora/import`."
+    )
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request or feedback item.")
+    max_feedback_tokens: int = Field(1024, ge=1, description="Longest feedback text, in the base model's tokens.")
+    retry_after_s: int = Field(
+        5, ge=1, description="Retry-After of a 429 when no step duration has been measured yet."
+    )
+
+
+class ApiKey(StrictModel):
+    """One bearer token and who it is. Give `key_sha256` (the hex digest) to keep the secret out of files."""
+
+    key: str | None = Field(None, min_length=16, description="The token itself.")
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the token, in hex.")
+    tenant: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="The namespace this key owns: adapters `tenant/...`."
+    )
+    admin: bool = Field(False, description="Manages every namespace, the dashboard and the metrics.")
+
+    @model_validator(mode="after")
+    def _one_secret_and_an_owner(self) -> ApiKey:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key or key_sha256")
+        if self.tenant is None and not self.admin:
+            raise ValueError("a key needs a tenant, or admin: true")
+        if self.tenant is not None and set(self.tenant) == {"."}:
+            raise ValueError("tenant must not be '.' or '..'")
+        return self
+
+
+class AuthConfig(StrictModel):
+    """Bearer-token auth. On unless turned off explicitly; the app refuses to start with it on and no keys."""
+
+    enabled: bool = Field(True, description="false: anyone who reaches the port may use and train every adapter.")
+    keys: list[ApiKey] = Field(default_factory=list, description="Keys in the config itself.")
+    keys_file: str | None = Field(
+        None, description="YAML list of keys (same fields); re-read when it changes, so keys can be revoked live."
+    )
 
 
 class ClaasConfig(StrictModel):
@@ -215,6 +254,7 @@ class ClaasConfig(StrictModel):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     tinker: TinkerConfig = Field(default_factory=TinkerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     state_dir: str = Field(
         "~/.cache/claas-ray/state", description="Router and trainer state: completion log, feedback journal."
     )

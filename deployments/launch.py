@@ -15,6 +15,7 @@ import httpx
 import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def import_builder(import_path: str):
@@ -54,10 +55,13 @@ def serve_config(
     http_options = dict(spec.get("http_options") or {})
     if port is not None:
         http_options["port"] = port
+    host, listen = http_options.get("host", "127.0.0.1"), http_options.get("port", 8000)
+    open_apps = [a["name"] for a in spec["applications"] if (a.get("args") or {}).get("auth", {}).get("enabled") is False]
+    if open_apps and host not in LOOPBACK:
+        raise ValueError(f"auth is off for {open_apps} (auth.enabled: false): serve it on 127.0.0.1, not {host}")
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False)
     serve.start(proxy_location=spec.get("proxy_location", "HeadOnly"), http_options=http_options)
-    host, listen = http_options.get("host", "127.0.0.1"), http_options.get("port", 8000)
     urls = []
     for application in spec["applications"]:
         builder = import_builder(application["import_path"])
@@ -68,6 +72,9 @@ def serve_config(
         urls.append(f"{root}/v1")
     for url in urls:
         print(f"claas-ray is serving an OpenAI-compatible API at {url}", flush=True)
+    if open_apps:
+        print(f"auth is OFF for {', '.join(open_apps)} (auth.enabled: false): open to every local caller, "
+              f"for local use only", flush=True)
     if block:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,17 +1,25 @@
-"""The router: the only HTTP ingress. Thin FastAPI routes over `OpenAIServing`; errors in OpenAI's shape."""
+"""The router: the only HTTP ingress. Thin FastAPI routes over `OpenAIServing` and `ClaasServing`.
+
+Every request passes `RequestGuard` first: the body is read up to its size cap and the bearer token is
+checked before FastAPI parses anything, so an oversized or unauthenticated request costs nothing and
+never reaches a route. Errors leave in OpenAI's shape.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
@@ -20,12 +28,31 @@ from claas_ray.feedback.journal import FeedbackJournal
 from claas_ray.protocol.claas import FeedbackRequest, LoraInitRequest, LoraRollbackRequest
 from claas_ray.protocol.generation import GenerationRequest, ScoreRequest
 from claas_ray.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse, ScoreRequestIn
+from claas_ray.serving.auth import ApiKeys, Principal
 from claas_ray.serving.claas_serving import ClaasServing, Rejected
 from claas_ray.serving.completion_log import CompletionLog
 from claas_ray.serving.metrics import ServingMetrics
 from claas_ray.serving.openai_serving import OpenAIServing, Served
+from claas_ray.serving.token_counter import load_token_counter
 
-app = FastAPI(title="claas-ray", description="OpenAI-compatible serving with per-user LoRA adapters trained by SDPO.")
+logger = logging.getLogger(__name__)
+
+
+
+def reject_unknown_query(request: Request) -> None:
+    """Unknown query parameters are a 400, as unknown body fields are: a typo must not be silently ignored."""
+    route = request.scope.get("route")
+    known = {param.alias for param in route.dependant.query_params} if route is not None else set()
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise Rejected(ErrorResponse.make(400, f"Unrecognized query parameter: {unknown[0]!r}", unknown[0]))
+
+
+app = FastAPI(
+    title="claas-ray",
+    description="OpenAI-compatible serving with per-user LoRA adapters trained by SDPO.",
+    dependencies=[Depends(reject_unknown_query)],
+)
 
 
 def error_json(error: ErrorResponse, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -60,7 +87,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @app.exception_handler(Rejected)
 async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
-    return error_json(exc.error)
+    return error_json(exc.error, exc.headers)
 
 
 @app.exception_handler(Exception)
@@ -78,11 +105,83 @@ def to_http(result: Served | ErrorResponse) -> Response:
     return StreamingResponse(result.body, media_type="text/event-stream", headers=result.headers)
 
 
+PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
+IMPORT_PATH = "/v1/lora/import"
+
+
+class RequestGuard:
+    """ASGI middleware: cap the body and authenticate before any parsing or routing."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        router: Router = serve.get_replica_context().servable_object
+        path = scope["path"]
+        if path not in PUBLIC_PATHS:
+            principal = router.keys.authenticate(Headers(scope=scope).get("authorization"))
+            if principal is None:
+                error = ErrorResponse.make(
+                    401, "Missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+                )
+                response = error_json(error, {"www-authenticate": 'Bearer realm="claas-ray"'})
+                response.headers.append("www-authenticate", 'Basic realm="claas-ray"')  # browsers: the dashboard
+                return await response(scope, receive, send)
+            scope.setdefault("state", {})["principal"] = principal
+        limits = router.config.router
+        limit = limits.max_import_bytes if path == IMPORT_PATH else limits.max_body_bytes
+        declared = Headers(scope=scope).get("content-length")
+        too_large = ErrorResponse.make(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await error_json(too_large)(scope, receive, send)
+        body = bytearray()
+        while True:  # read it all here, within the cap; chunked bodies declare no length
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body.extend(message.get("body", b""))
+            if len(body) > limit:
+                return await error_json(too_large)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # only a disconnect is left to hear
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+app.add_middleware(RequestGuard)
+
+
+def caller(request: Request) -> Principal:
+    """The authenticated caller that `RequestGuard` put on the request."""
+    return request.state.principal
+
+
+Caller = Annotated[Principal, Depends(caller)]
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.admin:
+        raise Rejected(ErrorResponse.make(403, "this endpoint needs an admin key", code="permission_denied"))
+
+
 @serve.deployment(name="router", max_ongoing_requests=256)
 @serve.ingress(app)
 class Router:
     def __init__(self, config: dict[str, Any], inference: DeploymentHandle, trainer: DeploymentHandle):
         self.config = ClaasConfig.model_validate(config)
+        self.keys = ApiKeys(self.config.auth)
+        if not self.keys.enabled:
+            logger.warning("auth is OFF (auth.enabled: false): every caller may use and train every adapter")
         self.store = open_store(self.config.store)
         self.metrics = ServingMetrics()
         self.completions = CompletionLog(
@@ -95,7 +194,9 @@ class Router:
             self.config, self.store, self.completions, self._generate, self.metrics, score=self._score_remote
         )
         self.journal = FeedbackJournal(self.config.state_path() / "feedback.sqlite")
-        self.claas = ClaasServing(self.config, self.store, self.completions, self.journal, trainer)
+        self.claas = ClaasServing(
+            self.config, self.store, self.completions, self.journal, trainer, load_token_counter(self.config)
+        )
         reports = self.config.router.eval_reports_dir
         self.eval_reports = Path(reports).expanduser() if reports else self.config.state_path() / "eval"
 
@@ -111,29 +212,29 @@ class Router:
         return to_http(result)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: ChatCompletionRequest) -> Response:
+    async def chat_completions(self, who: Caller, request: ChatCompletionRequest) -> Response:
         started = time.perf_counter()
-        return await self._timed("chat", request.model, await self.openai.chat(request), started)
+        return await self._timed("chat", request.model, await self.openai.chat(request, who), started)
 
     @app.post("/v1/completions")
-    async def completions(self, request: CompletionRequest) -> Response:
+    async def completions(self, who: Caller, request: CompletionRequest) -> Response:
         started = time.perf_counter()
-        return await self._timed("completions", request.model, await self.openai.completion(request), started)
+        return await self._timed("completions", request.model, await self.openai.completion(request, who), started)
 
     @app.post("/v1/score")
-    async def score(self, request: ScoreRequestIn) -> Response:
+    async def score(self, who: Caller, request: ScoreRequestIn) -> Response:
         started = time.perf_counter()
-        result = await self.openai.score(request)
+        result = await self.openai.score(request, who)
         served = result if isinstance(result, ErrorResponse) else Served(result)
         return await self._timed("score", request.model, served, started)
 
     @app.get("/v1/models")
-    async def models(self) -> Response:
-        return JSONResponse(self.openai.list_models().model_dump())
+    async def models(self, who: Caller) -> Response:
+        return JSONResponse(self.openai.list_models(who).model_dump())
 
     @app.get("/v1/models/{model:path}")
-    async def model(self, model: str) -> Response:
-        for card in self.openai.list_models().data:
+    async def model(self, who: Caller, model: str) -> Response:
+        for card in self.openai.list_models(who).data:
             if card.id == model:
                 return JSONResponse(card.model_dump())
         return error_json(ErrorResponse.make(404, f"The model '{model}' does not exist", "model", "model_not_found"))
@@ -144,83 +245,74 @@ class Router:
         return JSONResponse({"status": "ok", "model": self.openai.base_name})
 
     @app.get("/metrics")
-    async def prometheus(self) -> Response:
+    async def prometheus(self, who: Caller) -> Response:
+        require_admin(who)  # its labels name every tenant's adapters
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # --- CLaaS API: adapters ---------------------------------------------------------------
     @app.post("/v1/lora/init")
-    async def lora_init(self, request: LoraInitRequest) -> Response:
-        return JSONResponse((await self.claas.init_lora(request)).model_dump(), status_code=201)
+    async def lora_init(self, who: Caller, request: LoraInitRequest) -> Response:
+        return JSONResponse((await self.claas.init_lora(request, who)).model_dump(), status_code=201)
 
     @app.get("/v1/lora")
-    async def lora_list(self, prefix: str = "") -> Response:
-        return JSONResponse(self.claas.list_loras(prefix).model_dump())
+    async def lora_list(self, who: Caller, prefix: str = "") -> Response:
+        return JSONResponse(self.claas.list_loras(prefix, who).model_dump())
 
     @app.delete("/v1/lora")
-    async def lora_delete_by_query(self, lora_id: str) -> Response:
-        return JSONResponse((await self.claas.delete_lora(lora_id)).model_dump())
+    async def lora_delete_by_query(self, who: Caller, lora_id: str) -> Response:
+        return JSONResponse((await self.claas.delete_lora(lora_id, who)).model_dump())
 
     @app.get("/v1/lora/export")
-    async def lora_export_by_query(self, lora_id: str, version: int | None = None) -> Response:
-        return self._zip(lora_id, version)
+    async def lora_export_by_query(self, who: Caller, lora_id: str, version: int | None = None) -> Response:
+        return self._zip(lora_id, version, who)
 
-    @app.post("/v1/lora/import")
-    async def lora_import(self, request: Request, lora_id: str) -> Response:
-        body = await self._body(request)
-        return JSONResponse((await self.claas.import_zip(lora_id, body)).model_dump(), status_code=201)
+    @app.post(IMPORT_PATH)
+    async def lora_import(self, who: Caller, request: Request, lora_id: str) -> Response:
+        body = await request.body()  # RequestGuard has capped it at router.max_import_bytes
+        return JSONResponse((await self.claas.import_zip(lora_id, body, who)).model_dump(), status_code=201)
 
     @app.get("/v1/lora/{lora_id:path}/export")
-    async def lora_export(self, lora_id: str, version: int | None = None) -> Response:
-        return self._zip(lora_id, version)
+    async def lora_export(self, who: Caller, lora_id: str, version: int | None = None) -> Response:
+        return self._zip(lora_id, version, who)
 
     @app.post("/v1/lora/{lora_id:path}/rollback")
-    async def lora_rollback(self, lora_id: str, request: LoraRollbackRequest) -> Response:
-        return JSONResponse(self.claas.rollback(lora_id, request.version).model_dump())
+    async def lora_rollback(self, who: Caller, lora_id: str, request: LoraRollbackRequest) -> Response:
+        return JSONResponse(self.claas.rollback(lora_id, request.version, who).model_dump())
 
     @app.get("/v1/lora/{lora_id:path}")
-    async def lora_get(self, lora_id: str) -> Response:
-        return JSONResponse(self.claas.get_lora(lora_id).model_dump())
+    async def lora_get(self, who: Caller, lora_id: str) -> Response:
+        return JSONResponse(self.claas.get_lora(lora_id, who).model_dump())
 
     @app.delete("/v1/lora/{lora_id:path}")
-    async def lora_delete(self, lora_id: str) -> Response:
-        return JSONResponse((await self.claas.delete_lora(lora_id)).model_dump())
+    async def lora_delete(self, who: Caller, lora_id: str) -> Response:
+        return JSONResponse((await self.claas.delete_lora(lora_id, who)).model_dump())
 
-    def _zip(self, lora_id: str, version: int | None) -> Response:
-        data = self.claas.export_zip(lora_id, version)
+    def _zip(self, lora_id: str, version: int | None, who: Principal) -> Response:
+        data = self.claas.export_zip(lora_id, version, who)
         filename = lora_id.replace("/", "__") + ".zip"
         return Response(data, media_type="application/zip", headers={"content-disposition": f'attachment; filename="{filename}"'})
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self.config.router.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise Rejected(ErrorResponse.make(413, f"the request body exceeds {limit} bytes"))
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise Rejected(ErrorResponse.make(413, f"the request body exceeds {limit} bytes"))
-        return bytes(body)
-
     # --- CLaaS API: feedback ----------------------------------------------------------------
     @app.post("/v1/feedback")
-    async def feedback(self, request: FeedbackRequest) -> Response:
-        response, status = await self.claas.submit_feedback(request)
+    async def feedback(self, who: Caller, request: FeedbackRequest) -> Response:
+        response, status = await self.claas.submit_feedback(request, who)
         return JSONResponse(response.model_dump(), status_code=status)
 
     @app.get("/v1/feedback/{feedback_id}")
-    async def feedback_get(self, feedback_id: str) -> Response:
-        return JSONResponse(self.claas.feedback_status(feedback_id).model_dump())
+    async def feedback_get(self, who: Caller, feedback_id: str) -> Response:
+        return JSONResponse(self.claas.feedback_status(feedback_id, who).model_dump())
 
     # --- dashboard --------------------------------------------------------------------------
     @app.get("/dashboard")
     @app.get("/v1/dashboard")
-    async def dashboard(self) -> Response:
+    async def dashboard(self, who: Caller) -> Response:
+        require_admin(who)  # it shows every tenant's adapters and feedback
         page = render_dashboard(self.store, self.journal.recent(50), self.eval_reports, self.openai.base_name)
         return HTMLResponse(page)
 
     @app.get("/dashboard/eval/{run}/compliance.png")
-    async def dashboard_plot(self, run: str) -> Response:
+    async def dashboard_plot(self, who: Caller, run: str) -> Response:
+        require_admin(who)
         path = (self.eval_reports / run / "compliance.png").resolve()
         if path.parent.parent != self.eval_reports.resolve() or not path.is_file():
             return error_json(ErrorResponse.make(404, f"no evaluation plot for run '{run}'"))

@@ -141,11 +141,27 @@ def ray_cluster(tmp_path_factory):
     cluster.stop()
 
 
+ADMIN_KEY = f"sk-claas-admin-{uuid.uuid4().hex}"
+TENANT_KEYS = {"alice": f"sk-claas-alice-{uuid.uuid4().hex}", "bob": f"sk-claas-bob-{uuid.uuid4().hex}"}
+MAX_PENDING_PER_ADAPTER = 24
+
+
+def sha256_hex(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 @pytest.fixture(scope="session")
 def app(ray_cluster, tmp_path_factory):
-    """configs/local.yaml deployed with `serve deploy` on the session cluster, with 2 inference replicas."""
+    """configs/local.yaml deployed with `serve deploy` on the session cluster: 2 inference replicas, auth on.
+
+    The admin key is in the config; the tenants' keys are SHA-256 digests in a keys file.
+    """
     workdir = tmp_path_factory.mktemp("app")
     port = free_port()
+    keys_file = workdir / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump([{"key_sha256": sha256_hex(key), "tenant": name} for name, key in TENANT_KEYS.items()]))
     config = write_serve_config(
         ROOT / "configs" / "local.yaml", workdir / "serve.yaml", port,
         {
@@ -153,6 +169,8 @@ def app(ray_cluster, tmp_path_factory):
             # The shipped training defaults: the in-suite evaluation asserts that they teach.
             "store": {"root": str(workdir / "adapters")},
             "state_dir": str(workdir / "state"),
+            "trainer": {"max_pending_per_adapter": MAX_PENDING_PER_ADAPTER},
+            "auth": {"enabled": True, "keys": [{"key": ADMIN_KEY, "admin": True}], "keys_file": str(keys_file)},
         },
     )
     ray_cluster.run(str(VENV_BIN / "serve"), "deploy", str(config), "--address", ray_cluster.dashboard)
@@ -162,22 +180,41 @@ def app(ray_cluster, tmp_path_factory):
     except TimeoutError:
         status = ray_cluster.run(str(VENV_BIN / "serve"), "status", "--address", ray_cluster.dashboard, check=False)
         pytest.fail(f"the app did not come up:\n{status.stdout}\n{status.stderr}")
-    yield AppHandle(base_url=base_url, config_path=config, workdir=workdir, cluster=ray_cluster)
+    yield AppHandle(base_url=base_url, config_path=config, workdir=workdir, cluster=ray_cluster, keys_file=keys_file)
 
 
 class AppHandle:
-    def __init__(self, base_url: str, config_path: Path, workdir: Path, cluster: RayCluster):
+    def __init__(self, base_url: str, config_path: Path, workdir: Path, cluster: RayCluster, keys_file: Path):
         self.base_url = base_url
         self.config_path = config_path
         self.workdir = workdir
         self.cluster = cluster
+        self.keys_file = keys_file
         self.store_root = workdir / "adapters"
         self.state_dir = workdir / "state"
+        self.admin_key = ADMIN_KEY
 
-    def openai(self):
+    @staticmethod
+    def headers(key: str = ADMIN_KEY) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    def request(self, method: str, path: str, key: str = ADMIN_KEY, **kwargs):
+        """One HTTP call to the app, as the admin unless another key is given."""
+        import httpx
+
+        headers = {**self.headers(key), **kwargs.pop("headers", {})}
+        return httpx.request(method, f"{self.base_url}{path}", headers=headers, timeout=kwargs.pop("timeout", 300), **kwargs)
+
+    def openai(self, key: str = ADMIN_KEY):
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key=key, max_retries=0, timeout=300)
+
+    def job_env(self) -> str:
+        """`ray job submit --runtime-env-json`: the jobs read their key from the environment, not argv."""
+        import json
+
+        return json.dumps({"env_vars": {"CLAAS_RAY_API_KEY": ADMIN_KEY}})
 
 
 # --- a real S3-compatible server (moto in server mode) on 127.0.0.1 ---------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from conftest import ROOT, claas_ray_serve, free_port, write_serve_config
 
@@ -9,18 +10,36 @@ pytestmark = pytest.mark.slow
 
 
 def test_claas_ray_serve_runs_the_local_config(tmp_path):
+    """The shipped local config runs open on 127.0.0.1 and says so. Its KL guard is set so tight here that
+    every step is rejected: the adapter must keep serving its previous version, and the feedback says why."""
     port = free_port()
     config = write_serve_config(
         ROOT / "configs" / "local.yaml", tmp_path / "serve.yaml", port,
-        {"store": {"root": str(tmp_path / "adapters")}, "state_dir": str(tmp_path / "state")},
+        {"store": {"root": str(tmp_path / "adapters")}, "state_dir": str(tmp_path / "state"),
+         "training": {"max_kl_to_base": 1e-4}},
     )
     with claas_ray_serve(config, tmp_path / "serve.log", port) as process:
         from openai import OpenAI
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        base = f"http://127.0.0.1:{port}"
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         reply = client.chat.completions.create(
             model="smollm2-135m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
         )
         assert reply.choices[0].message.content
-        assert f"http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
+        log = (tmp_path / "serve.log").read_text()
+        assert f"{base}/v1" in log and "auth is OFF" in log
+
+        assert httpx.post(f"{base}/v1/lora/init", json={"lora_id": "guard/g"}, timeout=120).status_code == 201
+        messages = [{"role": "user", "content": "Tell me about the ocean."}]
+        before = client.chat.completions.create(model="guard/g", messages=messages, max_tokens=16, temperature=0)
+        response = httpx.post(f"{base}/v1/feedback", json={"completion_id": before.id, "feedback": "Answer in French.",
+                                                          "wait": True}, timeout=300)
+        item = response.json()["items"][0]
+        assert item["status"] == "rejected" and item["version"] is None, item
+        assert "KL to base" in item["reason"] and item["metrics"]["kl_to_base_after"] > 1e-4, item
+        after = client.chat.completions.create(model="guard/g", messages=messages, max_tokens=16, temperature=0)
+        assert after.model_extra["claas"]["adapter_version"] == 0
+        assert after.choices[0].message.content == before.choices[0].message.content
+        assert httpx.get(f"{base}/v1/lora/guard/g", timeout=60).json()["latest_version"] == 0
     assert process.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]

@@ -7,6 +7,7 @@ import subprocess
 
 import httpx
 import pytest
+from conftest import TENANT_KEYS
 
 from claas_ray.eval.report import write_report
 from claas_ray.eval.runner import Checkpoint, EvalConfig, EvalReport, PreferenceResult
@@ -29,10 +30,10 @@ def chromium(tmp_path, *args: str) -> str:
 
 def test_dashboard_lists_adapter_feedback_and_eval(app, tmp_path):
     base = app.base_url
-    assert httpx.post(f"{base}/v1/lora/init", json={"lora_id": "dash/zoe"}, timeout=120).status_code == 201
+    assert app.request("POST", "/v1/lora/init", json={"lora_id": "dash/zoe"}).status_code == 201
     hostile = "<b>No emoji</b> please & thanks"
-    response = httpx.post(f"{base}/v1/feedback", json={"lora_id": "dash/zoe", "prompt": "Say hi.", "response": "Hi 😀",
-                                                       "feedback": hostile, "wait": True}, timeout=300)
+    response = app.request("POST", "/v1/feedback", json={"lora_id": "dash/zoe", "prompt": "Say hi.", "response": "Hi 😀",
+                                                         "feedback": hostile, "wait": True})
     feedback_id = response.json()["items"][0]["id"]
     checkpoints = [Checkpoint(step=s, version=s, compliance=c, margin=0.0, distinct_2=1, mean_words=10, repetition=0,
                               samples=[]) for s, c in [(0, 0.1), (2, 0.6)]]
@@ -40,17 +41,21 @@ def test_dashboard_lists_adapter_feedback_and_eval(app, tmp_path):
                             results=[PreferenceResult(preference="no_emoji", lora_id="eval/x", checkpoints=checkpoints)]),
                  app.state_dir / "eval" / "run-1")
 
-    dom = chromium(tmp_path, "--dump-dom", f"{base}/dashboard")
+    # A browser signs in with HTTP Basic, the API key as the password.
+    signed_in = base.replace("http://", f"http://admin:{app.admin_key}@")
+    dom = chromium(tmp_path, "--dump-dom", f"{signed_in}/dashboard")
     assert "data-adapter=\"dash/zoe\"" in dom and "1 (latest)" in dom
     assert f"data-feedback=\"{feedback_id}\"" in dom and ">applied<" in dom
     assert "&lt;b&gt;No emoji&lt;/b&gt; please &amp; thanks" in dom and "<b>No emoji</b>" not in dom  # escaped
     assert 'id="rendered"></span>' not in dom  # the page's script ran and filled in the time
     assert "/dashboard/eval/run-1/compliance.png" in dom and "| no_emoji | 0.10 | 0.60 |" in dom
-    plot = httpx.get(f"{base}/dashboard/eval/run-1/compliance.png")
+    plot = app.request("GET", "/dashboard/eval/run-1/compliance.png")
     assert plot.status_code == 200 and plot.content[:4] == b"\x89PNG"
-    assert httpx.get(f"{base}/dashboard/eval/..%2F..%2Fetc/compliance.png").status_code == 404
-    assert httpx.get(f"{base}/v1/dashboard").status_code == 200
+    assert app.request("GET", "/dashboard/eval/..%2F..%2Fetc/compliance.png").status_code == 404
+    assert app.request("GET", "/v1/dashboard").status_code == 200
+    assert httpx.get(f"{base}/dashboard").status_code == 401  # no key, no page
+    assert app.request("GET", "/dashboard", key=TENANT_KEYS["alice"]).status_code == 403  # every tenant's data: admin only
 
-    chromium(tmp_path, f"--screenshot={tmp_path / 'dashboard.png'}", "--window-size=1280,900", f"{base}/dashboard")
+    chromium(tmp_path, f"--screenshot={tmp_path / 'dashboard.png'}", "--window-size=1280,900", f"{signed_in}/dashboard")
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
     shutil.copy(tmp_path / "dashboard.png", app.workdir / "dashboard.png")  # kept for a look by hand

@@ -16,7 +16,7 @@ def test_eval_job_teaches_a_preference(app, tmp_path):
     """Reduced run with the shipped defaults: `concise` on 8 held-out prompts, 4 feedback steps."""
     output = tmp_path / "eval"
     result = app.cluster.run(
-        str(VENV_BIN / "ray"), "job", "submit", "--address", app.cluster.dashboard, "--",
+        str(VENV_BIN / "ray"), "job", "submit", "--address", app.cluster.dashboard, "--runtime-env-json", app.job_env(), "--",
         "claas-ray", "eval", "--url", app.base_url, "--preference", "concise", "--steps", "4", "--eval-every", "4",
         "--heldout-limit", "8", "--output", str(output),
         timeout=900, check=False,

@@ -23,7 +23,7 @@ PROMPT = [{"role": "user", "content": "Tell me about dogs."}]
 
 
 def api(app, method: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.request(method, f"{app.base_url}{path}", timeout=300, **kwargs)
+    return app.request(method, path, **kwargs)
 
 
 def init(app, lora_id: str, **extra) -> dict:
@@ -104,7 +104,7 @@ def test_trainer_killed_mid_step_applies_acknowledged_feedback_exactly_once(app)
     for lora_id in adapters:
         init(app, lora_id)
     ids = []
-    for round_ in range(3):
+    for round_ in range(5):  # ten items over two adapters
         for lora_id in adapters:
             completion, _ = ask(client, lora_id, seed=round_)
             response = api(app, "POST", "/v1/feedback", json={"completion_id": completion.id, "feedback": f"Be brief ({round_})."})
@@ -191,7 +191,7 @@ def test_replay_job_through_ray_job_submit(app, tmp_path):
     path = tmp_path / "feedback.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     result = app.cluster.run(
-        str(VENV_BIN / "ray"), "job", "submit", "--address", app.cluster.dashboard, "--",
+        str(VENV_BIN / "ray"), "job", "submit", "--address", app.cluster.dashboard, "--runtime-env-json", app.job_env(), "--",
         "claas-ray", "replay", str(path), "--lora-id", "loop/replayed", "--init", "--url", app.base_url,
         timeout=600, check=False,
     )

@@ -56,7 +56,7 @@ def test_streaming_matches_non_streaming(app):
 
 def test_stream_ends_with_done(app):
     body = {"model": BASE, "messages": QUESTION, "max_tokens": 5, "stream": True}
-    with httpx.stream("POST", f"{app.base_url}/v1/chat/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{app.base_url}/v1/chat/completions", json=body, headers=app.headers(), timeout=120) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
@@ -134,7 +134,7 @@ def test_unknown_model_is_404(app):
     error = caught.value.body
     assert caught.value.status_code == 404
     assert error["code"] == "model_not_found" and error["param"] == "model" and "nobody/nothing" in error["message"]
-    response = httpx.get(f"{app.base_url}/v1/models/nobody/nothing")
+    response = app.request("GET", "/v1/models/nobody/nothing")
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
 
 
@@ -160,7 +160,7 @@ def test_unknown_model_is_404(app):
 )
 def test_bad_chat_parameters_are_400(app, changes, param):
     body = {"model": BASE, "messages": QUESTION, "max_tokens": 4, **changes}
-    response = httpx.post(f"{app.base_url}/v1/chat/completions", json=body, timeout=60)
+    response = app.request("POST", "/v1/chat/completions", json=body, timeout=60)
     expected = 404 if changes.get("model", "").startswith("..") else 400
     assert response.status_code == expected, response.text
     error = response.json()["error"]
@@ -174,25 +174,25 @@ def test_bad_chat_parameters_are_400(app, changes, param):
     [(b"{not json", {"content-type": "application/json"}), (b"[]", {"content-type": "application/json"}), (b"", {})],
 )
 def test_malformed_bodies_are_400(app, content, headers):
-    response = httpx.post(f"{app.base_url}/v1/chat/completions", content=content, headers=headers, timeout=30)
+    response = app.request("POST", "/v1/chat/completions", content=content, headers=headers, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_unknown_route_is_openai_shaped_404(app):
-    response = httpx.get(f"{app.base_url}/v1/nothing-here")
+    response = app.request("GET", "/v1/nothing-here")
     assert response.status_code == 404 and "error" in response.json()
 
 
 def test_prompt_longer_than_context_is_400(app):
     long = [{"role": "user", "content": "word " * 5000}]
-    response = httpx.post(f"{app.base_url}/v1/chat/completions", json={"model": BASE, "messages": long}, timeout=60)
+    response = app.request("POST", "/v1/chat/completions", json={"model": BASE, "messages": long}, timeout=60)
     assert response.status_code == 400 and "context length" in response.json()["error"]["message"]
 
 
 def test_metrics(app):
     chat(app.openai(), max_tokens=3)
     list(chat(app.openai(), max_tokens=3, stream=True))
-    text = httpx.get(f"{app.base_url}/metrics").text
+    text = app.request("GET", "/metrics").text
     assert 'claas_time_to_first_token_seconds_count{model="smollm2-135m"}' in text
     assert 'claas_requests_total{endpoint="chat",model="smollm2-135m",status="200"}' in text
     assert "claas_request_latency_seconds_bucket" in text
@@ -203,7 +203,7 @@ def test_score_matches_sampling_logprobs(app):
     response = chat(app.openai(), max_tokens=12, logprobs=True)
     text = response.choices[0].message.content
     sampled = [item.logprob for item in response.choices[0].logprobs.content]
-    scored = httpx.post(f"{app.base_url}/v1/score", json={"model": BASE, "messages": QUESTION, "completion": text}, timeout=60)
+    scored = app.request("POST", "/v1/score", json={"model": BASE, "messages": QUESTION, "completion": text}, timeout=60)
     assert scored.status_code == 200, scored.text
     body = scored.json()
     assert body["completion_tokens"] == len(body["logprobs"]) == len(body["tokens"]) > 0
@@ -211,7 +211,7 @@ def test_score_matches_sampling_logprobs(app):
     assert body["prompt_tokens"] == response.usage.prompt_tokens
     if body["completion_tokens"] == len(sampled):  # same tokenisation of the text: same numbers
         assert body["logprobs"] == pytest.approx(sampled, abs=0.15)  # bf16: prefill and decode round differently
-    unlikely = httpx.post(f"{app.base_url}/v1/score", json={"model": BASE, "messages": QUESTION, "completion": "zebra quantum pickle"}).json()
+    unlikely = app.request("POST", "/v1/score", json={"model": BASE, "messages": QUESTION, "completion": "zebra quantum pickle"}).json()
     assert unlikely["logprob_sum"] / unlikely["completion_tokens"] < body["logprob_sum"] / body["completion_tokens"]
 
 
@@ -225,5 +225,5 @@ def test_score_matches_sampling_logprobs(app):
     ],
 )
 def test_bad_score_requests(app, body, status):
-    response = httpx.post(f"{app.base_url}/v1/score", json=body, timeout=60)
+    response = app.request("POST", "/v1/score", json=body, timeout=60)
     assert response.status_code == status and "error" in response.json()

@@ -107,12 +107,25 @@ class FeedbackJournal:
             rows = self._db.execute(f"SELECT {self._COLUMNS} FROM feedback WHERE status = ? ORDER BY seq", (status,)).fetchall()
         return [self._entry(row) for row in rows]
 
-    def count_pending(self, adapter_id: str) -> int:
+    def count_pending(self, adapter_id: str | None = None) -> int:
+        """Items not yet final, of one adapter or of all."""
+        query = "SELECT COUNT(*) FROM feedback WHERE status IN ('queued', 'training')"
         with self._lock:
-            row = self._db.execute(
-                "SELECT COUNT(*) FROM feedback WHERE adapter_id = ? AND status IN ('queued', 'training')", (adapter_id,)
-            ).fetchone()
+            if adapter_id is None:
+                row = self._db.execute(query).fetchone()
+            else:
+                row = self._db.execute(f"{query} AND adapter_id = ?", (adapter_id,)).fetchone()
         return int(row[0])
+
+    def recent_step_seconds(self, window: int = 20) -> float | None:
+        """Mean train + broadcast time of the latest applied items: how long one more step will take."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT metrics FROM feedback WHERE status = 'applied' ORDER BY seq DESC LIMIT ?", (window,)
+            ).fetchall()
+        seconds = [m.get("train_s", 0.0) + m.get("broadcast_s", 0.0) for m in (json.loads(row[0]) for row in rows)]
+        seconds = [value for value in seconds if value > 0]
+        return sum(seconds) / len(seconds) if seconds else None
 
     def recent(self, limit: int = 50) -> list[FeedbackEntry]:
         """The newest items first (the dashboard's feed)."""

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import math
 import time
 import zipfile
 from typing import Any
@@ -36,7 +37,9 @@ from claas_ray.protocol.claas import (
     LoraSummary,
 )
 from claas_ray.protocol.openai import ErrorResponse, new_id
+from claas_ray.serving.auth import Principal
 from claas_ray.serving.completion_log import CompletionLog
+from claas_ray.serving.token_counter import TokenCounter, utf8_bytes
 from claas_ray.training.example import TrainingExample
 
 logger = logging.getLogger(__name__)
@@ -52,11 +55,18 @@ def feedback_status(entry: FeedbackEntry) -> FeedbackStatus:
 
 
 class Rejected(Exception):
-    """A request the caller must fix: carries its OpenAI-style error."""
+    """A request the caller must fix: carries its OpenAI-style error (and headers such as Retry-After)."""
 
-    def __init__(self, error: ErrorResponse):
+    def __init__(self, error: ErrorResponse, headers: dict[str, str] | None = None):
         super().__init__(error.error.message)
         self.error = error
+        self.headers = headers
+
+
+def remote_message(exc: BaseException) -> str:
+    """The message of an error raised in another Ray actor, without Ray's traceback around it."""
+    cause = getattr(exc, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else exc)
 
 
 def _bad(status: int, message: str, param: str | None = None, code: str | None = None) -> Rejected:
@@ -71,12 +81,14 @@ class ClaasServing:
         completions: CompletionLog,
         journal: FeedbackJournal,
         trainer: Any,
+        count_tokens: TokenCounter = utf8_bytes,
     ):
         self.config = config
         self.store = store
         self.completions = completions
         self.journal = journal
         self.trainer = trainer  # the trainer's Serve handle: `await trainer.method.remote(...)`
+        self.count_tokens = count_tokens
 
     # --- adapters ---------------------------------------------------------------------------
     @staticmethod
@@ -86,8 +98,16 @@ class ClaasServing:
         except AdapterIdError as exc:
             raise _bad(400, str(exc), param) from exc
 
-    def _existing(self, lora_id: str, param: str = "lora_id") -> str:
+    def _owned(self, lora_id: str, who: Principal, param: str = "lora_id") -> str:
+        """A valid id inside the caller's namespace (decided by the id alone: nothing about others leaks)."""
         self._valid_id(lora_id, param)
+        if not who.may_use(lora_id):
+            raise _bad(403, f"this key ({who.describe()}) may only use adapters under '{who.namespace()}'", param,
+                       "permission_denied")
+        return lora_id
+
+    def _existing(self, lora_id: str, who: Principal, param: str = "lora_id") -> str:
+        self._owned(lora_id, who, param)
         if not self.store.exists(lora_id):
             raise _bad(404, f"LoRA adapter '{lora_id}' does not exist", param, "lora_not_found")
         return lora_id
@@ -97,8 +117,8 @@ class ClaasServing:
             lora_id=lora_id, latest_version=self.store.latest_version(lora_id), versions=self.store.list_versions(lora_id)
         )
 
-    async def init_lora(self, request: LoraInitRequest) -> LoraDetail:
-        self._valid_id(request.lora_id)
+    async def init_lora(self, request: LoraInitRequest, who: Principal) -> LoraDetail:
+        self._owned(request.lora_id, who)
         served = {self.config.model.base_model, self.config.served_model_name()}
         if request.base_model is not None and request.base_model not in served:
             raise _bad(400, f"this server trains adapters of '{self.config.served_model_name()}' only", "base_model")
@@ -116,14 +136,16 @@ class ClaasServing:
         try:
             await self.trainer.init_adapter.remote(request.lora_id, lora.model_dump())
         except AdapterExistsError as exc:
-            raise _bad(409, str(exc), "lora_id", "lora_exists") from exc
+            raise _bad(409, remote_message(exc), "lora_id", "lora_exists") from exc
         except ValueError as exc:  # e.g. target modules this model does not have
-            raise _bad(400, str(exc), "target_modules") from exc
+            raise _bad(400, remote_message(exc), "target_modules") from exc
         return self._detail(request.lora_id)
 
-    def list_loras(self, prefix: str = "") -> LoraList:
+    def list_loras(self, prefix: str, who: Principal) -> LoraList:
         summaries = []
         for lora_id in self.store.list_adapters(prefix):
+            if not who.may_use(lora_id):
+                continue
             try:
                 latest = self.store.latest_version(lora_id)
                 summaries.append(LoraSummary(lora_id=lora_id, latest_version=latest, base_model=self.store.read_meta(lora_id, latest).base_model))
@@ -131,26 +153,26 @@ class ClaasServing:
                 continue
         return LoraList(data=summaries, loras=[s.lora_id for s in summaries])
 
-    def get_lora(self, lora_id: str) -> LoraDetail:
-        return self._detail(self._existing(lora_id))
+    def get_lora(self, lora_id: str, who: Principal) -> LoraDetail:
+        return self._detail(self._existing(lora_id, who))
 
-    async def delete_lora(self, lora_id: str) -> LoraDeleted:
-        self._valid_id(lora_id)
+    async def delete_lora(self, lora_id: str, who: Principal) -> LoraDeleted:
+        self._owned(lora_id, who)
         deleted = self.store.delete(lora_id)
         if deleted:
             await self.trainer.forget_adapter.remote(lora_id)
         return LoraDeleted(lora_id=lora_id, deleted=deleted)
 
-    def rollback(self, lora_id: str, version: int) -> LoraDetail:
-        self._existing(lora_id)
+    def rollback(self, lora_id: str, version: int, who: Principal) -> LoraDetail:
+        self._existing(lora_id, who)
         try:
             self.store.rollback(lora_id, version)
         except AdapterNotFoundError as exc:
             raise _bad(404, str(exc), "version") from exc
         return self._detail(lora_id)
 
-    def export_zip(self, lora_id: str, version: int | None = None) -> bytes:
-        self._existing(lora_id)
+    def export_zip(self, lora_id: str, version: int | None, who: Principal) -> bytes:
+        self._existing(lora_id, who)
         try:
             files = self.store.export_files(lora_id, version)
         except AdapterNotFoundError as exc:
@@ -162,24 +184,29 @@ class ClaasServing:
                 archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
         return buffer.getvalue()
 
-    async def import_zip(self, lora_id: str, data: bytes) -> LoraDetail:
-        self._valid_id(lora_id)
+    async def import_zip(self, lora_id: str, data: bytes, who: Principal) -> LoraDetail:
+        self._owned(lora_id, who)
         if self.store.exists(lora_id):
             raise _bad(409, f"LoRA adapter '{lora_id}' already exists", "lora_id", "lora_exists")
         files = read_adapter_zip(data)
         try:
             await self.trainer.import_adapter.remote(lora_id, files)
         except AdapterExistsError as exc:
-            raise _bad(409, str(exc), "lora_id", "lora_exists") from exc
+            raise _bad(409, remote_message(exc), "lora_id", "lora_exists") from exc
         except (ValueError, KeyError) as exc:
-            raise _bad(400, f"the adapter does not fit this base model: {exc}", "file") from exc
+            raise _bad(400, f"the adapter does not fit this base model: {remote_message(exc)}", "file") from exc
         return self._detail(lora_id)
 
     # --- feedback ---------------------------------------------------------------------------
-    def _example(self, item: FeedbackItemIn, index: int) -> tuple[str, TrainingExample]:
+    def _example(self, item: FeedbackItemIn, index: int, who: Principal) -> tuple[str, TrainingExample]:
         param = f"items.{index}"
+        limit = self.config.router.max_feedback_tokens
+        if self.count_tokens(item.feedback) > limit:
+            raise _bad(400, f"feedback is longer than {limit} tokens", f"{param}.feedback", "feedback_too_long")
         if item.completion_id is not None:
             record = self.completions.get(item.completion_id)
+            if record is not None and not (who.admin or record.tenant == who.tenant):
+                record = None  # another tenant's conversation: as if it did not exist
             if record is None:
                 raise _bad(404, f"completion '{item.completion_id}' is not known (too old, or never served here)",
                            f"{param}.completion_id", "completion_not_found")
@@ -190,7 +217,7 @@ class ClaasServing:
                 raise _bad(400, "that completion was served by the base model: name the lora_id to train", f"{param}.lora_id")
             if item.lora_id is not None and record.adapter_id is not None and item.lora_id != record.adapter_id:
                 raise _bad(400, f"that completion was served by '{record.adapter_id}', not '{item.lora_id}'", f"{param}.lora_id")
-            self._existing(lora_id, f"{param}.lora_id")
+            self._existing(lora_id, who, f"{param}.lora_id")
             return lora_id, TrainingExample(
                 messages=record.messages,
                 response_text=record.response_text,
@@ -198,7 +225,9 @@ class ClaasServing:
                 response_logprobs=record.response_logprobs or None,
                 feedback=item.feedback,
             )
-        lora_id = self._existing(item.lora_id or "", f"{param}.lora_id")
+        lora_id = self._existing(item.lora_id or "", who, f"{param}.lora_id")
+        if item.messages is not None and len(item.messages) > self.config.router.max_messages:
+            raise _bad(400, f"at most {self.config.router.max_messages} messages are allowed", f"{param}.messages")
         if item.messages is not None:
             messages = [message.to_chat_message() for message in item.messages]
         else:
@@ -207,15 +236,29 @@ class ClaasServing:
             raise _bad(400, "messages must contain a user turn", f"{param}.messages")
         return lora_id, TrainingExample(messages=messages, response_text=item.response or "", feedback=item.feedback)
 
-    async def submit_feedback(self, request: FeedbackRequest) -> tuple[FeedbackResponse, int]:
-        prepared = [self._example(item, index) for index, item in enumerate(request.items)]
+    def _admit(self, prepared: list[tuple[str, TrainingExample]]) -> None:
+        """Backpressure: a full per-adapter queue is a 429 with a Retry-After from measured step times."""
         limit = self.config.trainer.max_pending_per_adapter
-        for lora_id in {lora_id for lora_id, _ in prepared}:
+        for lora_id in sorted({lora_id for lora_id, _ in prepared}):
             adding = sum(1 for other, _ in prepared if other == lora_id)
-            if self.journal.count_pending(lora_id) + adding > limit:
-                raise Rejected(ErrorResponse.make(
-                    429, f"LoRA adapter '{lora_id}' already has {limit} feedback items waiting; retry shortly",
-                    "lora_id", "queue_full"))
+            pending = self.journal.count_pending(lora_id)
+            if pending + adding <= limit:
+                continue
+            if adding > limit:
+                raise _bad(400, f"{adding} items for '{lora_id}' exceed its queue of {limit}: send fewer at once",
+                           "items", "too_many_items")
+            steps_ahead = math.ceil(self.journal.count_pending() / self.config.trainer.max_batch_items)
+            step_s = self.journal.recent_step_seconds() or float(self.config.router.retry_after_s)
+            retry_after = max(1, math.ceil(steps_ahead * step_s))
+            raise Rejected(
+                ErrorResponse.make(429, f"LoRA adapter '{lora_id}' already has {pending} of {limit} feedback items "
+                                   f"waiting; retry in {retry_after}s", "lora_id", "queue_full"),
+                headers={"retry-after": str(retry_after)},
+            )
+
+    async def submit_feedback(self, request: FeedbackRequest, who: Principal) -> tuple[FeedbackResponse, int]:
+        prepared = [self._example(item, index, who) for index, item in enumerate(request.items)]
+        self._admit(prepared)
         ids = [new_id("fb") for _ in prepared]
         self.journal.append(
             [(fid, lora_id, example, item.completion_id) for fid, (lora_id, example), item in zip(ids, prepared, request.items)]
@@ -238,9 +281,9 @@ class ClaasServing:
         )
         return response, 200 if final else 202
 
-    def feedback_status(self, feedback_id: str) -> FeedbackStatus:
+    def feedback_status(self, feedback_id: str, who: Principal) -> FeedbackStatus:
         entry = self.journal.get(feedback_id)
-        if entry is None:
+        if entry is None or not who.may_use(entry.adapter_id):
             raise _bad(404, f"feedback '{feedback_id}' does not exist", "feedback_id", "feedback_not_found")
         return feedback_status(entry)
 

@@ -20,6 +20,7 @@ from claas_ray.chat import ChatMessage
 
 class CompletionRecord(BaseModel):
     completion_id: str
+    tenant: str | None = None  # who asked: only they (or an admin) may give feedback on it
     model: str
     adapter_id: str | None = None
     adapter_version: int | None = None

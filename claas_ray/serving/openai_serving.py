@@ -50,6 +50,7 @@ from claas_ray.protocol.openai import (
     Usage,
     new_id,
 )
+from claas_ray.serving.auth import Principal
 from claas_ray.serving.completion_log import CompletionLog, CompletionRecord
 from claas_ray.serving.metrics import ServingMetrics
 
@@ -98,7 +99,7 @@ class OpenAIServing:
         self.base_name = config.served_model_name()
 
     # --- models -----------------------------------------------------------------------------
-    def resolve_model(self, model: str) -> _Target | ErrorResponse:
+    def resolve_model(self, model: str, who: Principal) -> _Target | ErrorResponse:
         """`model` is the base model's served name or an adapter id; adapters serve their latest version."""
         if model == self.base_name:
             return _Target(model, None, None)
@@ -106,13 +107,18 @@ class OpenAIServing:
             validate_adapter_id(model)
         except AdapterIdError as exc:
             return ErrorResponse.make(404, f"The model '{model}' does not exist ({exc})", "model", "model_not_found")
+        if not who.may_use(model):
+            return ErrorResponse.make(
+                403, f"this key ({who.describe()}) may only use adapters under '{who.namespace()}'", "model",
+                "permission_denied",
+            )
         if not self.store.exists(model):
             return ErrorResponse.make(404, f"The model '{model}' does not exist", "model", "model_not_found")
         return _Target(model, model, self.store.latest_version(model))
 
-    def list_models(self) -> ModelList:
+    def list_models(self, who: Principal) -> ModelList:
         cards = [ModelCard(id=self.base_name)]
-        for adapter_id in self.store.list_adapters():
+        for adapter_id in self.store.list_adapters(who.namespace()):
             try:
                 latest = self.store.latest_version(adapter_id)
             except FileNotFoundError:
@@ -167,13 +173,16 @@ class OpenAIServing:
         except asyncio.TimeoutError:
             return ErrorResponse.make(504, f"generation did not finish within {limit:.0f}s", code="timeout")
 
-    def _record(self, completion_id: str, target: _Target, generation: GenerationRequest, deltas: list[GenerationDelta]) -> None:
+    def _record(
+        self, completion_id: str, target: _Target, generation: GenerationRequest, deltas: list[GenerationDelta], who: Principal
+    ) -> None:
         final = deltas[-1]
         token_ids = [t for d in deltas for t in d.token_ids]
         logprobs = [lp.logprob for d in deltas for lp in d.logprobs]
         self.completions.add(
             CompletionRecord(
                 completion_id=completion_id,
+                tenant=who.tenant,
                 model=target.model,
                 adapter_id=target.adapter_id,
                 adapter_version=target.adapter_version,
@@ -193,6 +202,7 @@ class OpenAIServing:
         generation: GenerationRequest,
         stream: Callable[[ClaasInfo, GenerationDelta, AsyncIterator], AsyncIterator[str]],
         respond: Callable[[ClaasInfo, list[GenerationDelta]], BaseModel],
+        who: Principal,
     ) -> Served | ErrorResponse:
         """The path both endpoints share: start, then an SSE body or a recorded JSON answer."""
         began = time.perf_counter()
@@ -209,7 +219,7 @@ class OpenAIServing:
         deltas = await self._collect(first, rest)
         if isinstance(deltas, ErrorResponse):
             return deltas
-        self._record(generation.request_id, target, generation, deltas)
+        self._record(generation.request_id, target, generation, deltas, who)
         return Served(respond(info, deltas), headers)
 
     @staticmethod
@@ -226,8 +236,10 @@ class OpenAIServing:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     # --- chat -------------------------------------------------------------------------------
-    async def chat(self, request: ChatCompletionRequest) -> Served | ErrorResponse:
-        target = self.resolve_model(request.model)
+    async def chat(self, request: ChatCompletionRequest, who: Principal) -> Served | ErrorResponse:
+        if len(request.messages) > self.config.router.max_messages:
+            return ErrorResponse.make(400, f"at most {self.config.router.max_messages} messages are allowed", "messages")
+        target = self.resolve_model(request.model, who)
         if isinstance(target, ErrorResponse):
             return target
         completion_id = new_id("chatcmpl")
@@ -253,11 +265,12 @@ class OpenAIServing:
 
         return await self._serve(
             target, generation,
-            lambda info, first, rest: self._chat_stream(request, target, generation, completion_id, info, first, rest),
+            lambda info, first, rest: self._chat_stream(request, target, generation, completion_id, info, first, rest, who),
             respond,
+            who,
         )
 
-    async def _chat_stream(self, request, target, generation, completion_id, info, first, rest) -> AsyncIterator[str]:
+    async def _chat_stream(self, request, target, generation, completion_id, info, first, rest, who) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(delta: ChatDelta, **kwargs) -> ChatCompletionChunk:
@@ -277,7 +290,7 @@ class OpenAIServing:
                             finish_reason=delta.finish_reason,
                         )
                     )
-            self._record(completion_id, target, generation, deltas)
+            self._record(completion_id, target, generation, deltas, who)
             if request.stream_options and request.stream_options.include_usage:
                 yield sse(ChatCompletionChunk(id=completion_id, created=created, model=target.model, choices=[],
                                               usage=self._usage(deltas), claas=info))
@@ -287,8 +300,8 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     # --- score -------------------------------------------------------------------------------
-    async def score(self, request: ScoreRequestIn) -> ScoreResponse | ErrorResponse:
-        target = self.resolve_model(request.model)
+    async def score(self, request: ScoreRequestIn, who: Principal) -> ScoreResponse | ErrorResponse:
+        target = self.resolve_model(request.model, who)
         if isinstance(target, ErrorResponse):
             return target
         if self._score is None:
@@ -316,8 +329,8 @@ class OpenAIServing:
         )
 
     # --- completions ------------------------------------------------------------------------
-    async def completion(self, request: CompletionRequest) -> Served | ErrorResponse:
-        target = self.resolve_model(request.model)
+    async def completion(self, request: CompletionRequest, who: Principal) -> Served | ErrorResponse:
+        target = self.resolve_model(request.model, who)
         if isinstance(target, ErrorResponse):
             return target
         completion_id = new_id("cmpl")
@@ -344,11 +357,16 @@ class OpenAIServing:
 
         return await self._serve(
             target, generation,
-            lambda info, first, rest: self._completion_stream(request, target, generation, completion_id, info, first, rest, want_logprobs),
+            lambda info, first, rest: self._completion_stream(
+                request, target, generation, completion_id, info, first, rest, want_logprobs, who
+            ),
             respond,
+            who,
         )
 
-    async def _completion_stream(self, request, target, generation, completion_id, info, first, rest, want_logprobs) -> AsyncIterator[str]:
+    async def _completion_stream(
+        self, request, target, generation, completion_id, info, first, rest, want_logprobs, who
+    ) -> AsyncIterator[str]:
         created = int(time.time())
         deltas: list[GenerationDelta] = []
         try:
@@ -365,7 +383,7 @@ class OpenAIServing:
                             )],
                         )
                     )
-            self._record(completion_id, target, generation, deltas)
+            self._record(completion_id, target, generation, deltas, who)
             if request.stream_options and request.stream_options.include_usage:
                 yield sse(CompletionResponse(id=completion_id, created=created, model=target.model, choices=[],
                                              usage=self._usage(deltas), claas=info))
