@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Tell me about dogs.", "Describe the sea.", "What is a good breakfast?", "Explain rain.", "Why do cats purr?"]
 FEEDBACK = "Answer only in French."
 
@@ -94,29 +92,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    import ray
-    import yaml
-    from ray import serve
+    from local_app import LocalApp
 
     from claas_ray.config import load_config
-    from deployments.launch import serve_config
 
-    workdir = Path(tempfile.mkdtemp(prefix="claas-bench-"))
-    spec = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
-    app_args = spec["applications"][0]["args"]
-    app_args["store"]["root"] = str(workdir / "adapters")
-    app_args["state_dir"] = str(workdir / "state")
-    spec_path = workdir / "serve.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    port = 19000 + os.getpid() % 1000
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        (url,) = serve_config(spec_path, port=port, block=False)
-        base = url.removesuffix("/v1")
+    app = LocalApp()
+    with app.serving() as base:
         rounds, completion_ids = end_to_end_phase(base, args.rounds, args.max_tokens)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    workdir, app_args = app.workdir, app.args
     trainer_threads = int(max(1, load_config(app_args).trainer.num_cpus))
     bare = bare_step_phase(workdir / "state", completion_ids, repeats=1, threads=trainer_threads)
     bare_all_cores = bare_step_phase(workdir / "state", completion_ids, repeats=1, threads=os.cpu_count() or 1)

@@ -16,15 +16,12 @@ import json
 import os
 import secrets
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
-ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = [f"load/user-{index}" for index in range(4)]
 PROMPTS = ["Tell me about dogs.", "Describe the sea.", "What is a good breakfast?", "Explain rain.", "Why do cats purr?"]
 
@@ -118,35 +115,18 @@ def main() -> None:
     args = parser.parse_args()
 
     import httpx
-    import ray
-    import yaml
-    from ray import serve
+    from local_app import LocalApp
 
-    from deployments.launch import serve_config
-
-    workdir = Path(tempfile.mkdtemp(prefix="claas-load-"))
+    app = LocalApp(prefix="claas-load-")
     key = f"sk-claas-{secrets.token_urlsafe(24)}"
-    spec = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
-    app_args = spec["applications"][0]["args"]
-    app_args["store"]["root"] = str(workdir / "adapters")
-    app_args["state_dir"] = str(workdir / "state")
-    app_args["auth"] = {"enabled": True, "keys": [{"key": key, "admin": True}]}
-    spec_path = workdir / "serve.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    port = 19000 + os.getpid() % 1000
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        (url,) = serve_config(spec_path, port=port, block=False)
-        base = url.removesuffix("/v1")
+    app.args["auth"] = {"enabled": True, "keys": [{"key": key, "admin": True}]}
+    with app.serving() as base:
         for lora_id in ADAPTERS:
             created = httpx.post(f"{base}/v1/lora/init", json={"lora_id": lora_id},
                                  headers={"authorization": f"Bearer {key}"}, timeout=300)
             created.raise_for_status()
         asyncio.run(chat_clients(base, key, 4, 5, args.max_tokens))  # warm-up
         phases = asyncio.run(run_phases(base, key, args))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     idle, training = phases["idle"], phases["training"]
     report = {

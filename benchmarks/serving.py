@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +23,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the JSON report
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "Describe a rainy afternoon in a small town.",
     "Explain how a bicycle works.",
@@ -128,36 +126,21 @@ def main() -> None:
     args = parser.parse_args()
     loads = [(1, args.single_requests), (8, args.concurrent_requests)]
 
-    import yaml
+    from local_app import LocalApp
 
     from claas_ray.config import load_config
-    from deployments.launch import serve_config
 
-    workdir = Path(tempfile.mkdtemp(prefix="claas-bench-"))
-    spec = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
-    app_args = spec["applications"][0]["args"]
-    app_args["store"]["root"] = str(workdir / "adapters")
-    app_args["state_dir"] = str(workdir / "state")
-    config = load_config(app_args)
+    app = LocalApp()
+    config = load_config(app.args)
 
     report: dict = {"benchmark": "serving", "model": config.model.base_model, "max_tokens": args.max_tokens}
     report["bare_engine"] = asyncio.run(bare_engine_phase(config, args.max_tokens, loads))
 
-    make_adapter(workdir / "adapters", "bench/adapter")
-    spec_path = workdir / "serve.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    import ray
-    from ray import serve
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = 18000 + os.getpid() % 1000
-    try:
-        (url,) = serve_config(spec_path, port=port, block=False)
+    make_adapter(app.workdir / "adapters", "bench/adapter")
+    with app.serving(port_base=18000) as base:
+        url = f"{base}/v1"
         report["endpoint"] = asyncio.run(endpoint_phase(url, config.served_model_name(), args.max_tokens, loads))
         report["endpoint_adapter"] = asyncio.run(endpoint_phase(url, "bench/adapter", args.max_tokens, loads))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     ratio = {}
     for load in ("c1", "c8"):
