@@ -41,5 +41,6 @@ class LocalApp:
                 (url,) = serve_config(path, port=port_base + os.getpid() % 1000, block=False)
             yield url.removesuffix("/v1")
         finally:
-            serve.shutdown()
-            ray.shutdown()
+            with contextlib.redirect_stdout(sys.stderr):  # Ray's shutdown notices too
+                serve.shutdown()
+                ray.shutdown()
