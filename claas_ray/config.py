@@ -69,6 +69,11 @@ class TrainingConfig(StrictModel):
     max_kl_to_base: float | None = Field(
         5.0, gt=0, description="Reject a step whose post-step KL(student || base) per token exceeds this."
     )
+    max_step_tokens: int | None = Field(
+        4096, ge=16,
+        description="Longest example (teacher prompt + response) a step takes; memory grows with it (about 2.5 MB "
+        "per token for the 135M model on the CPU). Longer feedback is refused (400) or rejected, with the reason.",
+    )
     append_eos: bool = Field(
         True, description="End a response given as text with the end-of-turn token, so length is learned too."
     )

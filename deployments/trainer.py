@@ -27,6 +27,9 @@ from deployments.broadcast import AdapterBroadcaster, PollResult
 
 logger = logging.getLogger(__name__)
 
+MAX_ATTEMPTS = 3
+"""Steps started on one item before it is given up: an item that kills the trainer must not crash-loop it."""
+
 
 @serve.deployment(name="trainer", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10, health_check_timeout_s=120)
 class TrainerDeployment:
@@ -65,6 +68,10 @@ class TrainerDeployment:
             if meta is not None:
                 self.journal.mark([entry.id], "applied", version=meta.version, metrics=meta.metrics)
                 logger.info("recovered feedback %s as applied in version %d", entry.id, meta.version)
+            elif entry.attempts >= MAX_ATTEMPTS:
+                reason = f"the trainer stopped {entry.attempts} times while applying this item (out of memory?); not retried"
+                self.journal.mark([entry.id], "rejected", reason=reason)
+                logger.warning("feedback %s rejected: %s", entry.id, reason)
             else:
                 self.journal.mark([entry.id], "queued")
                 logger.info("recovered feedback %s as queued", entry.id)

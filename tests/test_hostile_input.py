@@ -131,9 +131,11 @@ def hand_written_cases(app) -> list[tuple[str, str, str, dict]]:
         ("max_tokens beyond the context", "POST", chat, {"json": {"model": BASE, "messages": QUESTION, "max_tokens": 10**9}}),
         ("max_tokens zero", "POST", chat, {"json": {"model": BASE, "messages": QUESTION, "max_tokens": 0}}),
         ("prompt beyond the context", "POST", "/v1/completions",
-         {"json": {"model": BASE, "prompt": "word " * 4000, "max_tokens": 1}}),
+         {"json": {"model": BASE, "prompt": "word " * 9000, "max_tokens": 1}}),
         ("n > 1", "POST", chat, {"json": {"model": BASE, "messages": QUESTION, "n": 3}}),
-        ("tools", "POST", chat, {"json": {"model": BASE, "messages": QUESTION, "tools": [{"type": "function"}]}}),
+        ("a tool call required", "POST", chat, {"json": {"model": BASE, "messages": QUESTION, "tool_choice": "required",
+                                                           "tools": [{"type": "function", "function": {"name": "f"}}]}}),
+        ("a malformed tool", "POST", chat, {"json": {"model": BASE, "messages": QUESTION, "tools": [{"type": "shell"}]}}),
         ("image part", "POST", chat, {"json": {"model": BASE, "messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}}),
         ("unknown role", "POST", chat, {"json": {"model": BASE, "messages": [{"role": "root", "content": "hi"}]}}),

@@ -70,3 +70,20 @@ def test_feed_acks_and_late_joiners():
         assert await feed.wait_for_replicas(2, timeout_s=0.1) == 2
 
     asyncio.run(scenario())
+
+
+def test_an_item_that_keeps_killing_the_trainer_is_rejected_not_retried_forever(tmp_path):
+    from claas_ray.adapters import LocalAdapterStore
+    from deployments.trainer import MAX_ATTEMPTS, TrainerDeployment
+
+    journal = FeedbackJournal(tmp_path / "feedback.sqlite")
+    journal.append([("fb-poison", "a/x", example("long"), None), ("fb-fine", "a/x", example("ok"), None)])
+    recover = TrainerDeployment.func_or_class._recover  # the start-up recovery, without Serve around it
+    trainer = type("Restarted", (), {"journal": journal, "store": LocalAdapterStore(tmp_path / "adapters")})()
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        journal.mark(["fb-poison"], "training")  # a step starts on it, and the process dies
+        assert journal.get("fb-poison").attempts == attempt
+        recover(trainer)
+    poison, fine = journal.get("fb-poison"), journal.get("fb-fine")
+    assert poison.status == "rejected" and "stopped 3 times" in poison.reason
+    assert fine.status == "queued" and fine.attempts == 0

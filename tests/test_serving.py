@@ -227,3 +227,11 @@ def test_score_matches_sampling_logprobs(app):
 def test_bad_score_requests(app, body, status):
     response = app.request("POST", "/v1/score", json=body, timeout=60)
     assert response.status_code == status and "error" in response.json()
+
+
+def test_tools_offered_by_an_agent_are_accepted_and_the_answer_is_text(app):
+    """Agents send their tools with every request; this server answers in text, which `auto` allows."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    reply = app.openai().chat.completions.create(model=BASE, messages=QUESTION, max_tokens=6, temperature=0,
+                                                 tools=tools, tool_choice="auto", parallel_tool_calls=False)
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls

@@ -101,3 +101,10 @@ def test_rank_change_between_adapters(trainer):
     assert trainer.step(small, [EXAMPLE], TrainingConfig()).accepted
     assert trainer.step(big, [EXAMPLE], TrainingConfig()).accepted
     assert all(t.shape[0] == 8 or t.shape[1] == 8 for t in big.student.values())
+
+
+def test_examples_longer_than_max_step_tokens_are_refused_before_any_work(trainer):
+    """A step's memory grows with its length: an over-long example is a clear error, never an OOM."""
+    state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=9)
+    with pytest.raises(ValueError, match=r"training\.max_step_tokens"):
+        trainer.step(state, [EXAMPLE], TrainingConfig(max_step_tokens=16))

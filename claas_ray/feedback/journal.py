@@ -36,6 +36,7 @@ class FeedbackEntry(BaseModel):
     reason: str | None = None
     created_at: float
     updated_at: float
+    attempts: int = 0  # steps started on it: a trainer that dies on an item every time must not loop
 
 
 class FeedbackJournal:
@@ -53,16 +54,19 @@ class FeedbackJournal:
             " metrics TEXT NOT NULL DEFAULT '{}', reason TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL)"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS feedback_status ON feedback (status, adapter_id, seq)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(feedback)")}
+        if "attempts" not in columns:  # journals written before attempts were counted
+            self._db.execute("ALTER TABLE feedback ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 
     @staticmethod
     def _entry(row: tuple) -> FeedbackEntry:
         return FeedbackEntry(
             id=row[0], adapter_id=row[1], status=row[2], example=TrainingExample.model_validate_json(row[3]),
             completion_id=row[4], version=row[5], metrics=json.loads(row[6]), reason=row[7],
-            created_at=row[8], updated_at=row[9],
+            created_at=row[8], updated_at=row[9], attempts=row[10],
         )
 
-    _COLUMNS = "id, adapter_id, status, example, completion_id, version, metrics, reason, created_at, updated_at"
+    _COLUMNS = "id, adapter_id, status, example, completion_id, version, metrics, reason, created_at, updated_at, attempts"
 
     def append(self, entries: list[tuple[str, str, TrainingExample, str | None]]) -> None:
         """Record (id, adapter id, example, completion id) items as queued, all or none."""
@@ -145,9 +149,10 @@ class FeedbackJournal:
         now = time.time()
         with self._lock:
             self._db.executemany(
-                "UPDATE feedback SET status = ?, version = COALESCE(?, version), metrics = ?, reason = ?, updated_at = ?"
-                " WHERE id = ?",
-                [(status, version, json.dumps(metrics or {}), reason, now, fid) for fid in feedback_ids],
+                "UPDATE feedback SET status = ?, version = COALESCE(?, version), metrics = ?, reason = ?, updated_at = ?,"
+                " attempts = attempts + ? WHERE id = ?",
+                [(status, version, json.dumps(metrics or {}), reason, now, int(status == "training"), fid)
+                 for fid in feedback_ids],
             )
 
     def close(self) -> None:

@@ -121,6 +121,14 @@ class ChatMessageIn(OpenAIRequest):
         return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.text())
 
 
+class ToolIn(BaseModel):
+    """A tool the client offers: accepted in OpenAI's shape, never called (see `tool_choice`)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: dict[str, Any]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -128,6 +136,11 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    # Agents (OpenClaw among them) always send their tools. The model here answers in text and never calls
+    # one, which is what `auto` allows; a request that requires a tool call cannot be honoured (400).
+    tools: list[ToolIn] | None = Field(None, max_length=256)
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _chat_rules(self) -> ChatCompletionRequest:

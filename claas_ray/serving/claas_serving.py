@@ -218,6 +218,11 @@ class ClaasServing:
             if item.lora_id is not None and record.adapter_id is not None and item.lora_id != record.adapter_id:
                 raise _bad(400, f"that completion was served by '{record.adapter_id}', not '{item.lora_id}'", f"{param}.lora_id")
             self._existing(lora_id, who, f"{param}.lora_id")
+            size = len(record.prompt_token_ids) + len(record.response_token_ids) + self.count_tokens(item.feedback)
+            step_limit = self.config.training.max_step_tokens
+            if step_limit is not None and size > step_limit:
+                raise _bad(400, f"that conversation and the feedback are about {size} tokens; a step takes at most "
+                           f"{step_limit} (training.max_step_tokens)", f"{param}.completion_id", "too_long_to_train")
             return lora_id, TrainingExample(
                 messages=record.messages,
                 response_text=record.response_text,

@@ -88,7 +88,9 @@ def tokenize_example(
     teacher_prompt = render_prompt_ids(tokenizer, teacher_messages)
     longest = max(len(student_prompt), len(teacher_prompt)) + len(response)
     if longest > max_len:
-        raise ExampleTooLongError(f"prompt + response is {longest} tokens; the limit is {max_len}")
+        raise ExampleTooLongError(
+            f"prompt + response is {longest} tokens; the limit is {max_len} (model.max_model_len, training.max_step_tokens)"
+        )
     logprobs = example.response_logprobs
     return TokenizedExample(
         student_ids=torch.tensor(student_prompt + response, dtype=torch.long),

@@ -195,7 +195,7 @@ class SDPOTrainer:
                 example,
                 hindsight_messages(example.messages, example.feedback, config.hindsight_template),
                 append_eos=config.append_eos,
-                max_len=self.model_config.max_model_len,
+                max_len=min(self.model_config.max_model_len, config.max_step_tokens or self.model_config.max_model_len),
             )
             for example in examples
         ]
