@@ -90,6 +90,20 @@ class ClaasServing:
         self.trainer = trainer  # the trainer's Serve handle: `await trainer.method.remote(...)`
         self.count_tokens = count_tokens
 
+    async def _trainer_call(self, method: str, *args: Any) -> Any:
+        """A call to the trainer; if it is down or restarting, a 503 to retry, not a 500."""
+        try:
+            return await getattr(self.trainer, method).remote(*args)
+        except (AdapterExistsError, ValueError, KeyError):
+            raise  # the trainer's answer about the request itself (Ray re-raises the original type)
+        except Exception as exc:
+            logger.warning("trainer call %s failed: %s", method, type(exc).__name__)
+            raise Rejected(
+                ErrorResponse.make(503, f"the trainer is unavailable ({type(exc).__name__}); retry shortly",
+                                   code="trainer_unavailable"),
+                headers={"retry-after": str(self.config.router.retry_after_s)},
+            ) from exc
+
     # --- adapters ---------------------------------------------------------------------------
     @staticmethod
     def _valid_id(lora_id: str, param: str = "lora_id") -> str:
@@ -134,7 +148,7 @@ class ClaasServing:
         if self.store.exists(request.lora_id):
             raise _bad(409, f"LoRA adapter '{request.lora_id}' already exists", "lora_id", "lora_exists")
         try:
-            await self.trainer.init_adapter.remote(request.lora_id, lora.model_dump())
+            await self._trainer_call("init_adapter", request.lora_id, lora.model_dump())
         except AdapterExistsError as exc:
             raise _bad(409, remote_message(exc), "lora_id", "lora_exists") from exc
         except ValueError as exc:  # e.g. target modules this model does not have
@@ -160,7 +174,7 @@ class ClaasServing:
         self._owned(lora_id, who)
         deleted = self.store.delete(lora_id)
         if deleted:
-            await self.trainer.forget_adapter.remote(lora_id)
+            await self._trainer_call("forget_adapter", lora_id)
         return LoraDeleted(lora_id=lora_id, deleted=deleted)
 
     def rollback(self, lora_id: str, version: int, who: Principal) -> LoraDetail:
@@ -190,7 +204,7 @@ class ClaasServing:
             raise _bad(409, f"LoRA adapter '{lora_id}' already exists", "lora_id", "lora_exists")
         files = read_adapter_zip(data)
         try:
-            await self.trainer.import_adapter.remote(lora_id, files)
+            await self._trainer_call("import_adapter", lora_id, files)
         except AdapterExistsError as exc:
             raise _bad(409, remote_message(exc), "lora_id", "lora_exists") from exc
         except (ValueError, KeyError) as exc:

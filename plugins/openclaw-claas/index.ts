@@ -19,6 +19,7 @@ export interface ClaasPluginConfig {
   apiKey?: string;
   adapterId?: string;
   batchSize?: number;
+  waitSeconds?: number;
   turnsFile?: string;
 }
 
@@ -52,6 +53,7 @@ export function register(api: PluginApi): void {
   const client = new ClaasClient(config.apiUrl ?? "http://127.0.0.1:8000", config.apiKey);
   const template = config.adapterId ?? "openclaw/{user}";
   const batchSize = Math.max(1, Math.min(64, config.batchSize ?? 1));
+  const waitSeconds = Math.max(1, Math.min(600, config.waitSeconds ?? 300));
   const turns = new TurnLog(config.turnsFile ?? join(process.env.OPENCLAW_STATE_DIR ?? join(homedir(), ".openclaw"), "claas-turns.json"));
   const created = new Set<string>();
   const adapterFor = (user: string) => template.replace("{user}", user);
@@ -90,7 +92,7 @@ export function register(api: PluginApi): void {
       if (latest.length === 0) return { text: "There is no answer of mine to give feedback on yet: ask me something first." };
       const adapterId = latest[0].adapterId;
       try {
-        const outcome = await client.feedback(latest.map((turn) => turn.completionId), text);
+        const outcome = await client.feedback(latest.map((turn) => turn.completionId), text, waitSeconds);
         if (outcome.status === "applied") return { text: `Feedback applied: ${adapterId} is now version ${outcome.version}.` };
         if (outcome.status === "rejected") return { text: `Feedback not applied: ${outcome.reason ?? "rejected"}.` };
         return { text: `Feedback received (${outcome.status}); it will be applied shortly.` };

@@ -23,13 +23,13 @@ export class ClaasClient {
   readonly #apiKey: string | undefined;
   readonly #timeoutMs: number;
 
-  constructor(baseUrl: string, apiKey?: string, timeoutMs = 180_000) {
+  constructor(baseUrl: string, apiKey?: string, timeoutMs = 60_000) {
     this.baseUrl = baseUrl.replace(/\/+$/, "").replace(/\/v1$/, "");
     this.#apiKey = apiKey;
     this.#timeoutMs = timeoutMs;
   }
 
-  async #call(method: string, path: string, body?: unknown): Promise<{ status: number; json: any }> {
+  async #call(method: string, path: string, body?: unknown, timeoutMs = this.#timeoutMs): Promise<{ status: number; json: any }> {
     const headers: Record<string, string> = { "content-type": "application/json" };
     if (this.#apiKey) headers.authorization = `Bearer ${this.#apiKey}`;
     let response: Response;
@@ -38,7 +38,7 @@ export class ClaasClient {
         method,
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
-        signal: AbortSignal.timeout(this.#timeoutMs),
+        signal: AbortSignal.timeout(timeoutMs),
       });
     } catch (error) {
       throw new ClaasError(0, `claas-ray is not reachable at ${this.baseUrl}: ${(error as Error).message}`);
@@ -63,10 +63,11 @@ export class ClaasClient {
     if (status !== 201 && status !== 409) throw new ClaasError(status, ClaasClient.#message(json, status));
   }
 
-  /** Feedback on served answers, by their completion ids; waits until the step is applied or rejected. */
-  async feedback(completionIds: string[], feedback: string): Promise<FeedbackOutcome> {
+  /** Feedback on served answers, by their completion ids; waits up to `waitSeconds` for the step's outcome. */
+  async feedback(completionIds: string[], feedback: string, waitSeconds = 300): Promise<FeedbackOutcome> {
     const items = completionIds.map((completion_id) => ({ completion_id, feedback }));
-    const { status, json } = await this.#call("POST", "/v1/feedback", { items, wait: true });
+    const body = { items, wait: true, wait_timeout_s: waitSeconds };
+    const { status, json } = await this.#call("POST", "/v1/feedback", body, (waitSeconds + 30) * 1000);
     if (status !== 200 && status !== 202) throw new ClaasError(status, ClaasClient.#message(json, status));
     const last = json.items[json.items.length - 1];
     const reasons = json.items.map((item: any) => item.reason).filter(Boolean);
