@@ -1,17 +1,20 @@
 """The OpenClaw plugin (plugins/openclaw-claas) with the real `openclaw` package from npm, on 127.0.0.1.
 
 - The plugin's code against the running app, with node's own test runner.
-- OpenClaw configured as the README says: it loads the plugin, and a local agent turn (`openclaw agent
-  --local`) goes through claas-ray on the user's own adapter, created on first use; the plugin records the
-  answer's completion id. Then `/feedback` is run through the command the plugin registered, with that
-  session's identity, and the adapter's version goes up. (OpenClaw dispatches chat commands only from a
-  messaging channel, and none can run offline, so the command handler is called directly.)
+- OpenClaw configured as the README says loads the plugin (`openclaw plugins doctor`).
+- Opt-in (CLAAS_RAY_OPENCLAW_TURN=1, minutes of CPU): a local agent turn (`openclaw agent --local`) goes
+  through claas-ray on the user's own adapter, created on first use; the plugin records the answer's
+  completion id; `/feedback` through the command the plugin registered raises the adapter's version.
+  (OpenClaw dispatches chat commands only from a messaging channel, none of which can run offline, so the
+  command handler is called directly.) OpenClaw's agent prompt is about 2,500 tokens: on two shared cores
+  the turn and the SDPO step on it take 5 to 10 minutes inside the suite, over its time budget.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
 import pytest
@@ -38,31 +41,56 @@ def test_plugin_code_against_the_running_app(app):
     assert "ℹ fail 0" in result.stdout and "ℹ pass 4" in result.stdout, result.stdout[-2000:]
 
 
-def test_real_openclaw_turn_through_claas_ray_and_feedback(app, tmp_path):
-    env = node_env(HOME=str(tmp_path), OPENCLAW_STATE_DIR=str(tmp_path / ".openclaw"))
+def openclaw_home(tmp_path) -> dict[str, str]:
+    return node_env(HOME=str(tmp_path), OPENCLAW_STATE_DIR=str(tmp_path / ".openclaw"))
 
-    def openclaw(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(OPENCLAW), *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
-    # The README's set-up, as it is.
+def run_openclaw(env: dict[str, str], cwd, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`openclaw ...`; on a timeout its whole process group goes (the agent runs in a child process)."""
+    process = subprocess.Popen([str(OPENCLAW), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, cwd=cwd, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def configure_openclaw(app, tmp_path) -> dict[str, str]:
+    """The README's set-up, as it is, on a fresh OpenClaw home; checks that OpenClaw loads the plugin."""
+    env = openclaw_home(tmp_path)
+
     configured = subprocess.run(["bash", str(PLUGIN / "configure-openclaw.sh")], capture_output=True, text=True,
                                 timeout=600, cwd=tmp_path,
                                 env={**env, "CLAAS_URL": app.base_url, "CLAAS_API_KEY": TENANT_KEYS["openclaw"],
                                      "PATH": f"{OPENCLAW.parent}:{env['PATH']}"})
     assert configured.returncode == 0, (configured.stdout[-2000:], configured.stderr[-3000:])
 
-    doctor = openclaw("plugins", "doctor")  # loads every plugin's runtime: our register() runs
+    doctor = run_openclaw(env, tmp_path, "plugins", "doctor")  # loads every plugin's runtime: our register() runs
     output = doctor.stdout + doctor.stderr
     assert doctor.returncode == 0, output[-3000:]
     assert f"claas: adapters openclaw/{{user}} on {app.base_url}" in output, output[-3000:]
     assert "checks passed" in output and "blocked" not in output, output[-3000:]
-    inspected = json.loads(openclaw("plugins", "inspect", "claas", "--json").stdout)
+    inspected = json.loads(run_openclaw(env, tmp_path, "plugins", "inspect", "claas", "--json").stdout)
     plugin = inspected["plugin"]
     assert plugin["status"] == "loaded" and plugin["enabled"] and plugin["format"] == "openclaw"
     assert plugin["configJsonSchema"]["properties"].keys() >= {"apiUrl", "apiKey", "adapterId", "batchSize"}
+    return env
+
+
+def test_real_openclaw_loads_the_plugin_with_the_documented_config(app, tmp_path):
+    configure_openclaw(app, tmp_path)
+
+
+@pytest.mark.skipif(os.environ.get("CLAAS_RAY_OPENCLAW_TURN") != "1", reason="opt-in: CLAAS_RAY_OPENCLAW_TURN=1")
+def test_real_openclaw_turn_through_claas_ray_and_feedback(app, tmp_path):
+    env = configure_openclaw(app, tmp_path)
 
     # One agent turn, answered by claas-ray on this session's own adapter.
-    turn = openclaw("agent", "--local", "-m", "Say hello in five words.", "--session-id", "claas-ci", "--json")
+    turn = run_openclaw(env, tmp_path, "agent", "--local", "-m", "Say hello in five words.", "--session-id", "claas-ci",
+                        "--json", timeout=900)
     assert turn.returncode == 0, (turn.stdout[-3000:], turn.stderr[-3000:])
     user, adapter = "agent_main_explicit_claas-ci", "openclaw/agent_main_explicit_claas-ci"
     assert f"model overridden to {adapter}" in turn.stderr, turn.stderr[-3000:]
@@ -83,7 +111,7 @@ def test_real_openclaw_turn_through_claas_ray_and_feedback(app, tmp_path):
     )
     config = {"apiUrl": app.base_url, "apiKey": TENANT_KEYS["openclaw"]}
     sent = subprocess.run([str(NODE_BIN / "node"), "--input-type=module", "-e", script], cwd=PLUGIN, capture_output=True,
-                          text=True, timeout=600, env={**env, "CLAAS_PLUGIN_CONFIG": json.dumps(config)})
+                          text=True, timeout=900, env={**env, "CLAAS_PLUGIN_CONFIG": json.dumps(config)})
     assert sent.stdout.strip() == f"Feedback applied: {adapter} is now version 1.", (sent.stdout, sent.stderr[-2000:])
     detail = app.request("GET", f"/v1/lora/{adapter}", key=TENANT_KEYS["openclaw"]).json()
     assert detail["latest_version"] == 1 and detail["versions"][1]["metrics"]["tokens"] > 0
