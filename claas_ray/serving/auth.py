@@ -42,6 +42,10 @@ class Principal(BaseModel):
     def describe(self) -> str:
         return "admin" if self.admin else f"tenant '{self.tenant}'"
 
+    def refusal(self) -> str:
+        """The 403 message for an adapter id outside this caller's namespace."""
+        return f"this key ({self.describe()}) may only use adapters under '{self.namespace()}'"
+
 
 OPEN_ACCESS = Principal(admin=True)
 """The caller when auth is off: everything is allowed (local use only)."""

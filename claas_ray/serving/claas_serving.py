@@ -116,8 +116,7 @@ class ClaasServing:
         """A valid id inside the caller's namespace (decided by the id alone: nothing about others leaks)."""
         self._valid_id(lora_id, param)
         if not who.may_use(lora_id):
-            raise _bad(403, f"this key ({who.describe()}) may only use adapters under '{who.namespace()}'", param,
-                       "permission_denied")
+            raise _bad(403, who.refusal(), param, "permission_denied")
         return lora_id
 
     def _existing(self, lora_id: str, who: Principal, param: str = "lora_id") -> str:

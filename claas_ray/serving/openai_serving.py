@@ -108,10 +108,7 @@ class OpenAIServing:
         except AdapterIdError as exc:
             return ErrorResponse.make(404, f"The model '{model}' does not exist ({exc})", "model", "model_not_found")
         if not who.may_use(model):
-            return ErrorResponse.make(
-                403, f"this key ({who.describe()}) may only use adapters under '{who.namespace()}'", "model",
-                "permission_denied",
-            )
+            return ErrorResponse.make(403, who.refusal(), "model", "permission_denied")
         if not self.store.exists(model):
             return ErrorResponse.make(404, f"The model '{model}' does not exist", "model", "model_not_found")
         return _Target(model, model, self.store.latest_version(model))
