@@ -299,6 +299,11 @@ class ClaasConfig(StrictModel):
         return path
 
 
+def describe_errors(exc: ValidationError, whole: str) -> str:
+    """Every problem as `dotted.key: message`; `whole` names an error about the object itself."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}" for err in exc.errors())
+
+
 class ConfigError(ValueError):
     """A configuration that fails validation; the message names every bad key."""
 
@@ -334,9 +339,7 @@ def load_config(
     try:
         return ClaasConfig.model_validate(merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = describe_errors(exc, "<root>")
         raise ConfigError(f"invalid claas-ray config: {problems}") from exc
 
 

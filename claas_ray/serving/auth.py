@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from claas_ray.config import ApiKey, AuthConfig, ConfigError
+from claas_ray.config import ApiKey, AuthConfig, ConfigError, describe_errors
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _read_keys_file(path: Path) -> list[ApiKey]:
         try:
             keys.append(ApiKey.model_validate(item))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<entry>'}: {e['msg']}" for e in exc.errors())
+            problems = describe_errors(exc, "<entry>")
             raise ConfigError(f"invalid claas-ray config: auth.keys_file: {path} entry {index}: {problems}") from exc
     return keys
 
