@@ -19,7 +19,6 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import ray
@@ -162,11 +161,11 @@ class AdapterBroadcaster:
 class AdapterReceiver:
     """Replica side: follow the trainer's feed and apply each command to the local engine."""
 
-    def __init__(self, replica: str, trainer, engine, tmpfs_root: Path, keep_versions: int = 2):
+    def __init__(self, replica: str, trainer, engine, keep_versions: int = 2):
         self.replica = replica
         self.trainer = trainer  # DeploymentHandle of the trainer
         self.engine = engine  # InferenceEngine
-        self.root = tmpfs_root / replica
+        self.root = engine.scratch  # removed with the replica, even a killed one (orphan_reaper)
         self.keep_versions = keep_versions
         self.generation: str | None = None
         self.cursor = 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -43,7 +42,7 @@ class InferenceDeployment:
             return
         self.engine = InferenceEngine(self.config, open_store(self.config.store), replica=self.replica)
         if trainer is not None:
-            receiver = AdapterReceiver(self.replica, trainer, self.engine, Path(self.config.trainer.tmpfs_dir))
+            receiver = AdapterReceiver(self.replica, trainer, self.engine)
             self._feed = asyncio.create_task(receiver.run())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:

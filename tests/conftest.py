@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray socket on 127.0.0.1
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # the cluster and every client (serve, ray job) agree on token auth
@@ -10,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that do not need the session app run first, before it starts: its two vLLM replicas and
+    trainer then cannot take the two cores or the RAM from in-process training or from apps of their own."""
+    items.sort(key=lambda item: "app" in getattr(item, "fixturenames", ()))  # stable: file order otherwise
 
 
 @pytest.fixture(scope="session")
@@ -159,6 +166,7 @@ def app(ray_cluster, tmp_path_factory):
     The admin key is in the config; the tenants' keys are SHA-256 digests in a keys file.
     """
     workdir = tmp_path_factory.mktemp("app")
+    scratch = Path(f"/dev/shm/claas-ray-tests-{workdir.name}-{os.getpid()}")  # the replicas' tmpfs folders
     port = free_port()
     keys_file = workdir / "keys.yaml"
     keys_file.write_text(yaml.safe_dump([{"key_sha256": sha256_hex(key), "tenant": name} for name, key in TENANT_KEYS.items()]))
@@ -170,7 +178,7 @@ def app(ray_cluster, tmp_path_factory):
             # The shipped training defaults: the in-suite evaluation asserts that they teach.
             "store": {"root": str(workdir / "adapters")},
             "state_dir": str(workdir / "state"),
-            "trainer": {"max_pending_per_adapter": MAX_PENDING_PER_ADAPTER},
+            "trainer": {"max_pending_per_adapter": MAX_PENDING_PER_ADAPTER, "tmpfs_dir": str(scratch)},
             "auth": {"enabled": True, "keys": [{"key": ADMIN_KEY, "admin": True}], "keys_file": str(keys_file)},
         },
     )
@@ -181,12 +189,16 @@ def app(ray_cluster, tmp_path_factory):
     except TimeoutError:
         status = ray_cluster.run(str(VENV_BIN / "serve"), "status", "--address", ray_cluster.dashboard, check=False)
         pytest.fail(f"the app did not come up:\n{status.stdout}\n{status.stderr}")
-    yield AppHandle(base_url=base_url, config_path=config, workdir=workdir, cluster=ray_cluster, keys_file=keys_file)
+    yield AppHandle(base_url=base_url, config_path=config, workdir=workdir, cluster=ray_cluster, keys_file=keys_file,
+                    scratch=scratch)
+    shutil.rmtree(scratch, ignore_errors=True)  # the session's end: the replicas go with the cluster
 
 
 class AppHandle:
-    def __init__(self, base_url: str, config_path: Path, workdir: Path, cluster: RayCluster, keys_file: Path):
+    def __init__(self, base_url: str, config_path: Path, workdir: Path, cluster: RayCluster, keys_file: Path,
+                 scratch: Path):
         self.base_url = base_url
+        self.scratch = scratch  # trainer.tmpfs_dir: one folder per inference replica
         self.config_path = config_path
         self.workdir = workdir
         self.cluster = cluster

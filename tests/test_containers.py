@@ -49,6 +49,7 @@ def test_compose_config_is_valid_for_every_profile(tmp_path):
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert openclaw["depends_on"]["claas-ray"]["condition"] == "service_healthy"
     assert openclaw["environment"]["CLAAS_URL"] == "http://claas-ray:8000"
+    assert openclaw["environment"]["CLAAS_MAX_TOKENS"] == "64"  # answers short enough to train on
     assert any(v["target"] == "/opt/openclaw-claas" for v in openclaw["volumes"])
     assert "configure-openclaw.sh" in " ".join(openclaw["command"])
 

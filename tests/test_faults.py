@@ -90,6 +90,8 @@ def test_killed_inference_replica_restarts_and_serves_the_latest_versions(app):
     reference, _ = ask()
     before = replica_pids("inference")
     assert len(before) == 2, before
+    scratch_before = {folder.name for folder in app.scratch.iterdir()}  # each replica wrote version 1 there
+    assert len(scratch_before) == 2, scratch_before
     os.kill(before[0], signal.SIGKILL)
 
     # Every request, retried by the client, succeeds and is served by version 1 (the other replica meanwhile).
@@ -108,6 +110,11 @@ def test_killed_inference_replica_restarts_and_serves_the_latest_versions(app):
         raise AssertionError(f"Serve did not restart the replica: pids {replica_pids('inference')}, seen {seen_replicas}")
     # The restarted replica loaded version 1 from the store: both replicas give the same answer.
     assert len(seen_replicas) >= 2
+    # The killed replica's tmpfs folder (RAM) went with it; the survivor's is still in use.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(scratch_before & {f.name for f in app.scratch.iterdir()}) > 1:
+        time.sleep(0.5)
+    assert len(scratch_before & {folder.name for folder in app.scratch.iterdir()}) == 1, list(app.scratch.iterdir())
 
 
 def test_whole_app_restart_keeps_adapters_pending_feedback_and_completions(app):

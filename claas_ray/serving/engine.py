@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -139,9 +141,11 @@ class InferenceEngine:
         self.config = config
         self.replica = replica
         self.store = store
+        # Broadcast adapter versions are written here (tmpfs: RAM), one folder per replica.
+        self.scratch = Path(config.trainer.tmpfs_dir) / replica
         self.llm = AsyncLLM.from_engine_args(engine_args(config))
         engine_pids = [child.pid for child in psutil.Process().children(recursive=True)]
-        self._reaper = orphan_reaper.start(os.getpid(), engine_pids)
+        self._reaper = orphan_reaper.start(os.getpid(), engine_pids, [self.scratch])
         self.tokenizer = self.llm.get_tokenizer()
         self.loras = LoraVersions(store.peft_dir, capacity=max(1024, config.serving.max_cpu_loras))
 
@@ -240,3 +244,4 @@ class InferenceEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        shutil.rmtree(self.scratch, ignore_errors=True)

@@ -10,22 +10,35 @@ here=$(cd "$(dirname "$0")" && pwd)
 : "${CLAAS_API_KEY:?a claas-ray key of the tenant that owns openclaw/...}"
 model=${CLAAS_MODEL:-smollm2-135m}           # the base model's served name
 context=${CLAAS_CONTEXT_WINDOW:-4096}        # the server's model.max_model_len
+# Answers are capped: OpenClaw sends no limit of its own, and an answer is also what one SDPO step trains on.
+# The provider-level cap applies to the per-user adapter ids too (they are not in the models list).
 max_tokens=${CLAAS_MAX_TOKENS:-64}
 
-set_json() { openclaw config set "$1" "$2" --strict-json >/dev/null; }
-
 openclaw plugins install --link --force --accept-capabilities "$here" >/dev/null
-set_json models.providers.claas "$(printf '{"baseUrl": "%s/v1", "apiKey": "%s", "api": "openai-completions", "timeoutSeconds": 600, "models": [{"id": "%s", "name": "%s on claas-ray", "reasoning": false, "input": ["text"], "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0}, "contextWindow": %d, "maxTokens": %d, "compat": {"supportsTools": false, "requiresStringContent": true}}]}' \
-  "$CLAAS_URL" "$CLAAS_API_KEY" "$model" "$model" "$context" "$max_tokens")"
-set_json agents.defaults.model.primary "\"claas/$model\""
-set_json plugins.entries.claas.config "$(printf '{"apiUrl": "%s", "apiKey": "%s", "adapterId": "openclaw/{user}", "batchSize": 1}' "$CLAAS_URL" "$CLAAS_API_KEY")"
-set_json plugins.entries.claas.hooks.allowConversationAccess true   # agent_end and model routing see the turn
-# A small model's context: no tool schemas, no bundled skills, short bootstrap files.
-set_json agents.defaults.experimental.localModelLean true
-set_json tools.profile '"minimal"'
-set_json tools.toolSearch false
-set_json skills.allowBundled '[]'
-set_json agents.defaults.bootstrapMaxChars 400
-set_json agents.defaults.bootstrapTotalMaxChars 1200
-set_json update.checkOnStart false
+# One validated write (objects merge, arrays replace).
+openclaw config patch --stdin >/dev/null <<JSON
+{
+  models: {providers: {claas: {
+    baseUrl: "$CLAAS_URL/v1", apiKey: "$CLAAS_API_KEY", api: "openai-completions",
+    maxTokens: $max_tokens, timeoutSeconds: 600,
+    models: [{id: "$model", name: "$model on claas-ray", reasoning: false, input: ["text"],
+              cost: {input: 0, output: 0, cacheRead: 0, cacheWrite: 0},
+              contextWindow: $context, maxTokens: $max_tokens,
+              compat: {supportsTools: false, requiresStringContent: true}}],
+  }}},
+  agents: {defaults: {
+    model: {primary: "claas/$model"},
+    // A small model's context: short bootstrap files, the lean local-model prompt.
+    experimental: {localModelLean: true},
+    bootstrapMaxChars: 400, bootstrapTotalMaxChars: 1200,
+  }},
+  plugins: {entries: {claas: {
+    config: {apiUrl: "$CLAAS_URL", apiKey: "$CLAAS_API_KEY", adapterId: "openclaw/{user}", batchSize: 1},
+    hooks: {allowConversationAccess: true},   // agent_end and model routing see the turn
+  }}},
+  tools: {profile: "minimal", toolSearch: false},   // no tool schemas beyond the minimum
+  skills: {allowBundled: []},                       // no bundled skills in the prompt
+  update: {checkOnStart: false},
+}
+JSON
 echo "OpenClaw now answers with claas-ray at $CLAAS_URL (adapters openclaw/<user>); /feedback <text> trains them."
