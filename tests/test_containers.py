@@ -52,6 +52,8 @@ def test_compose_config_is_valid_for_every_profile(tmp_path):
     assert openclaw["environment"]["CLAAS_MAX_TOKENS"] == "64"  # answers short enough to train on
     assert any(v["target"] == "/opt/openclaw-claas" for v in openclaw["volumes"])
     assert "configure-openclaw.sh" in " ".join(openclaw["command"])
+    # OpenClaw refuses a gateway bound beyond loopback without auth: token auth, the token from .env.
+    assert "--auth token" in " ".join(openclaw["command"]) and openclaw["environment"]["OPENCLAW_GATEWAY_TOKEN"]
 
     # The keys compose passes in become a valid auth table in claas-ray's own config loader.
     env = {"CLAAS_RAY__AUTH__KEYS": cpu["environment"]["CLAAS_RAY__AUTH__KEYS"]}

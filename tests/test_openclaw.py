@@ -66,10 +66,10 @@ class Gateway:
         self.env, self.cwd = env, cwd
         self.port, self.token = free_port(), "claas-ci-gateway-token"
         self.log = open(cwd / "gateway.log", "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [str(OPENCLAW), "gateway", "run", "--bind", "loopback", "--port", str(self.port), "--auth", "token",
-             "--token", self.token, "--allow-unconfigured"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+        self.process = subprocess.Popen(  # as the compose profile runs it, bound to loopback here
+            [str(OPENCLAW), "gateway", "run", "--bind", "loopback", "--port", str(self.port), "--auth", "token"],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**env, "OPENCLAW_GATEWAY_TOKEN": self.token}, cwd=cwd,
+            start_new_session=True,
         )
 
     def call(self, method: str, params: dict, timeout: float = 60) -> dict:

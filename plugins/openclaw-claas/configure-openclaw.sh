@@ -41,4 +41,8 @@ openclaw config patch --stdin >/dev/null <<JSON
   update: {checkOnStart: false},
 }
 JSON
+# A fresh home (a container, the tests) runs its gateway here; an onboarded install keeps its own mode.
+if ! openclaw config get gateway.mode >/dev/null 2>&1; then
+  openclaw config set gateway.mode local >/dev/null
+fi
 echo "OpenClaw now answers with claas-ray at $CLAAS_URL (adapters openclaw/<user>); /feedback <text> trains them."
