@@ -82,6 +82,7 @@ class SDPOTrainer:
     def _ensure_slots(self, lora: LoraConfig):
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         if self._peft is not None and lora == self._slot_lora:
             return self._peft
@@ -103,17 +104,25 @@ class SDPOTrainer:
             self._peft.delete_adapter("_swap")
         self._peft.add_adapter(TEACHER, peft_config)
         self._peft.set_adapter(STUDENT)
+        self._active: Weights = STUDENT
+        # PEFT's own switches walk every module and check the model's status on each call: a quarter of a
+        # step on the embedded model. The LoRA layers are found once and switched directly.
+        self._lora_layers = [module for module in self._peft.modules() if isinstance(module, BaseTunerLayer)]
+        self._slot_param_cache: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self._peft.eval()  # new LoRA modules start in train mode; a step switches to it only for dropout
         self._slot_lora = lora.model_copy()
         return self._peft
 
     def _slot_params(self, slot: str) -> dict[str, torch.nn.Parameter]:
-        """Slot parameters under the names PEFT saves them with (adapter name removed)."""
-        marker = f".{slot}."
-        return {
-            name.replace(marker, "."): parameter
-            for name, parameter in self._peft.named_parameters()
-            if marker in name and "lora_" in name
-        }
+        """Slot parameters under the names PEFT saves them with (adapter name removed); found once per slot."""
+        if slot not in self._slot_param_cache:
+            marker = f".{slot}."
+            self._slot_param_cache[slot] = {
+                name.replace(marker, "."): parameter
+                for name, parameter in self._peft.named_parameters()
+                if marker in name and "lora_" in name
+            }
+        return self._slot_param_cache[slot]
 
     @torch.no_grad()
     def _load_slot(self, slot: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -133,10 +142,19 @@ class SDPOTrainer:
     @contextmanager
     def _weights(self, which: Weights) -> Iterator[None]:
         if which == "base":
-            with self._peft.disable_adapter():
+            for layer in self._lora_layers:
+                layer.enable_adapters(False)
+            try:
                 yield
+            finally:
+                for layer in self._lora_layers:
+                    layer.enable_adapters(True)
         else:
-            self._peft.set_adapter(which)
+            if which != self._active:
+                for layer in self._lora_layers:
+                    layer.set_adapter(which)
+                self._peft.active_adapter = self._peft.base_model.active_adapter = which  # as PEFT records it
+                self._active = which
             yield
 
     def _select(self, state: AdapterState | None) -> Weights:
@@ -240,8 +258,10 @@ class SDPOTrainer:
         optimizer.zero_grad(set_to_none=True)
         total_tokens = sum(item.response_ids.shape[0] for item in batch)
         sums = {"loss": 0.0, "divergence": 0.0, "kl": 0.0, "ratio": 0.0, "clipped": 0.0}
+        dropout = self._slot_lora is not None and self._slot_lora.dropout > 0  # the only train-mode layers
         with self._weights(STUDENT):
-            self._peft.train(self._slot_lora is not None and self._slot_lora.dropout > 0)
+            if dropout:
+                self._peft.train()
             try:
                 for item, target, chosen_base in zip(batch, targets, base_logprobs):
                     out = sdpo_loss(
@@ -261,7 +281,8 @@ class SDPOTrainer:
                     sums["ratio"] += out.ratio_sum
                     sums["clipped"] += out.clipped_count
             finally:
-                self._peft.eval()
+                if dropout:
+                    self._peft.eval()
 
         metrics = {
             "loss": sums["loss"] / total_tokens,
