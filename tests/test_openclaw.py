@@ -80,7 +80,7 @@ class Gateway:
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
-        while "[gateway] ready" not in self.tail():
+        while "[gateway] ready" not in self.text():
             assert self.process.poll() is None and time.monotonic() < deadline, self.tail()
             time.sleep(1)
 
@@ -98,8 +98,11 @@ class Gateway:
             time.sleep(2)
         raise AssertionError(f"no reply to {text!r} within {timeout}s: {self.tail()}")
 
+    def text(self) -> str:
+        return ANSI.sub("", (self.cwd / "gateway.log").read_text())
+
     def tail(self) -> str:
-        return ANSI.sub("", (self.cwd / "gateway.log").read_text())[-3000:]
+        return self.text()[-3000:]
 
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)
@@ -133,8 +136,7 @@ def test_real_openclaw_gateway_turn_and_feedback_command(app, tmp_path):
         gateway.wait_ready()
         answer = gateway.say("agent:main:main", "Say hello in five words.", "turn-1")
         adapter = "openclaw/cli"
-        log = gateway.tail()
-        assert answer and f"model overridden to {adapter}" in log, log
+        assert answer and f"model overridden to {adapter}" in gateway.text(), gateway.tail()
         assert app.request("GET", f"/v1/lora/{adapter}", key=TENANT_KEYS["openclaw"]).json()["latest_version"] == 0
         (recorded,) = json.loads((tmp_path / ".openclaw" / "claas-turns.json").read_text())["cli"]
         assert recorded["adapterId"] == adapter and recorded["completionId"].startswith("chatcmpl-")

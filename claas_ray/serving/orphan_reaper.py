@@ -16,12 +16,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 
 
-def start(parent_pid: int, child_pids: list[int], folders: list[Path] = ()) -> subprocess.Popen:
+def start(parent_pid: int, child_pids: Sequence[int], folders: Sequence[Path] = ()) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "claas_ray.serving.orphan_reaper", str(parent_pid),
          "--pids", *map(str, child_pids), "--folders", *map(str, folders)],
@@ -29,7 +30,7 @@ def start(parent_pid: int, child_pids: list[int], folders: list[Path] = ()) -> s
     )
 
 
-def watch(parent_pid: int, child_pids: list[int], folders: list[Path], period_s: float = 1.0) -> None:
+def watch(parent_pid: int, child_pids: Sequence[int], folders: Sequence[Path], period_s: float = 1.0) -> None:
     children = []
     for pid in child_pids:
         try:
