@@ -104,7 +104,6 @@ class SDPOTrainer:
             self._peft.delete_adapter("_swap")
         self._peft.add_adapter(TEACHER, peft_config)
         self._peft.set_adapter(STUDENT)
-        self._active: Weights = STUDENT
         # PEFT's own switches walk every module and check the model's status on each call: a quarter of a
         # step on the embedded model. The LoRA layers are found once and switched directly.
         self._lora_layers = [module for module in self._peft.modules() if isinstance(module, BaseTunerLayer)]
@@ -150,11 +149,10 @@ class SDPOTrainer:
                 for layer in self._lora_layers:
                     layer.enable_adapters(True)
         else:
-            if which != self._active:
+            if which != self._peft.active_adapter:
                 for layer in self._lora_layers:
                     layer.set_adapter(which)
                 self._peft.active_adapter = self._peft.base_model.active_adapter = which  # as PEFT records it
-                self._active = which
             yield
 
     def _select(self, state: AdapterState | None) -> Weights:
