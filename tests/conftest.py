@@ -218,6 +218,16 @@ class AppHandle:
         headers = {**self.headers(key), **kwargs.pop("headers", {})}
         return httpx.request(method, f"{self.base_url}{path}", headers=headers, timeout=kwargs.pop("timeout", 300), **kwargs)
 
+    def final_statuses(self, ids: list[str], timeout: float) -> list[dict]:
+        """Poll feedback items until each is applied or rejected."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            statuses = [self.request("GET", f"/v1/feedback/{fid}").json() for fid in ids]
+            if all(s["status"] in ("applied", "rejected") for s in statuses):
+                return statuses
+            time.sleep(0.5)
+        raise TimeoutError(f"feedback not final: {statuses}")
+
     def openai(self, key: str = ADMIN_KEY):
         from openai import OpenAI
 

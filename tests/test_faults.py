@@ -25,16 +25,6 @@ def item(lora_id: str, index: int) -> dict:
             "feedback": "No emoji, please."}
 
 
-def final(app, ids: list[str], timeout: float = 600) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        statuses = [app.request("GET", f"/v1/feedback/{fid}").json() for fid in ids]
-        if all(s["status"] in ("applied", "rejected") for s in statuses):
-            return statuses
-        time.sleep(0.5)
-    raise TimeoutError(f"feedback not final: {[s['status'] for s in statuses]}")
-
-
 def applied_exactly_once(app, lora_id: str, ids: list[str]) -> None:
     named = [fid for meta in LocalAdapterStore(app.store_root).list_versions(lora_id) for fid in meta.feedback_ids]
     assert sorted(named) == sorted(ids) and len(named) == len(set(named)), (named, ids)
@@ -68,7 +58,7 @@ def test_full_queue_is_429_with_retry_after_and_chat_is_not_blocked(app):
         assert reply.choices[0].message.content
         answered_while_training += 1
     assert answered_while_training >= 1
-    statuses = final(app, [*ids, other.json()["items"][0]["id"]])
+    statuses = app.final_statuses([*ids, other.json()["items"][0]["id"]], timeout=600)
     assert all(s["status"] == "applied" for s in statuses), statuses
     applied_exactly_once(app, "fault/queue", ids)
     # The queue has room again.
@@ -111,10 +101,13 @@ def test_killed_inference_replica_restarts_and_serves_the_latest_versions(app):
     # The restarted replica loaded version 1 from the store: both replicas give the same answer.
     assert len(seen_replicas) >= 2
     # The killed replica's tmpfs folder (RAM) went with it; the survivor's is still in use.
+    def remaining() -> set[str]:
+        return scratch_before & {folder.name for folder in app.scratch.iterdir()}
+
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(scratch_before & {f.name for f in app.scratch.iterdir()}) > 1:
+    while time.monotonic() < deadline and len(remaining()) > 1:
         time.sleep(0.5)
-    assert len(scratch_before & {folder.name for folder in app.scratch.iterdir()}) == 1, list(app.scratch.iterdir())
+    assert len(remaining()) == 1, list(app.scratch.iterdir())
 
 
 def test_whole_app_restart_keeps_adapters_pending_feedback_and_completions(app):
@@ -133,7 +126,7 @@ def test_whole_app_restart_keeps_adapters_pending_feedback_and_completions(app):
     app.cluster.run(str(VENV_BIN / "serve"), "deploy", str(app.config_path), "--address", app.cluster.dashboard)
     wait_for(f"{app.base_url}/health", timeout=420)
 
-    statuses = final(app, ids)
+    statuses = app.final_statuses(ids, timeout=600)
     assert all(s["status"] == "applied" for s in statuses), statuses
     applied_exactly_once(app, "restart/r", [first.json()["items"][0]["id"], *ids])
     after = app.request("GET", "/v1/lora/restart/r").json()

@@ -39,16 +39,6 @@ def ask(client, model: str, **kwargs):
     return raw.parse(), raw.headers
 
 
-def wait_final(app, ids: list[str], timeout: float = 420) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        statuses = [api(app, "GET", f"/v1/feedback/{fid}").json() for fid in ids]
-        if all(s["status"] in ("applied", "rejected") for s in statuses):
-            return statuses
-        time.sleep(0.5)
-    raise TimeoutError(f"feedback not final: {statuses}")
-
-
 def test_feedback_by_completion_id_is_served_by_every_replica(app):
     client = app.openai()
     init(app, "loop/alice")
@@ -88,7 +78,7 @@ def test_claas_shaped_feedback_and_status(app):
     assert response.status_code in (200, 202), response.text
     payload = response.json()
     assert payload["lora_id"] == "loop/bob" and payload["batch_size"] == 1
-    (status,) = wait_final(app, [payload["items"][0]["id"]])
+    (status,) = app.final_statuses([payload["items"][0]["id"]], timeout=420)
     assert status["status"] == "applied" and status["version"] == 1
     # A request cannot set hyperparameters: the configured (default) learning rate was used.
     assert status["metrics"]["learning_rate"] == pytest.approx(TrainingConfig().learning_rate)
@@ -119,7 +109,7 @@ def test_trainer_killed_mid_step_applies_acknowledged_feedback_exactly_once(app)
     (pid,) = trainer_pids()
     os.kill(pid, signal.SIGKILL)
 
-    statuses = wait_final(app, ids)
+    statuses = app.final_statuses(ids, timeout=420)
     assert all(s["status"] == "applied" for s in statuses), statuses
     assert trainer_pids() and trainer_pids() != [pid]  # Serve restarted it
     store = LocalAdapterStore(app.store_root)
