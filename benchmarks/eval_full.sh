@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full evaluation on the embedded model: start the app from configs/local.yaml in a fresh local Ray
-# cluster, teach every shipped preference for 8 feedback steps through the API, and write the report
-# (report.json, summary.md, compliance.png, capability.png) to reports/eval_full/.
+# cluster, teach every shipped preference for 8 feedback events through the API, then the ordered pairs of
+# benchmarks/eval_full.yaml, and write the report (report.json, summary.md, compliance.png,
+# accumulation.png) to reports/eval_full/.
 #   bash benchmarks/eval_full.sh [extra `claas-ray eval` arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,4 +21,4 @@ for _ in $(seq 600); do
   kill -0 $SERVER 2>/dev/null || { echo "claas-ray serve exited" >&2; exit 1; }
   sleep 1
 done
-.venv/bin/claas-ray eval --url "http://127.0.0.1:$PORT" --steps 8 --eval-every 2 --output "$OUT" "$@"
+.venv/bin/claas-ray eval --url "http://127.0.0.1:$PORT" --config benchmarks/eval_full.yaml --output "$OUT" "$@"

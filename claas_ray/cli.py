@@ -75,6 +75,10 @@ def _eval(args: argparse.Namespace) -> int:
             spec[key] = getattr(args, key)
     if args.preference:
         spec["preferences"] = args.preference
+    if args.sequence:
+        spec["sequences"] = [pair.split(",") for pair in args.sequence]
+        if not args.preference and not args.config:
+            spec["preferences"] = []  # only the sequences that were asked for
     report = run_eval(EvalConfig.model_validate(spec))
     paths = write_report(report, args.output)
     print(json.dumps({name: str(path) for name, path in paths.items()}))
@@ -105,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--url", default=os.environ.get("CLAAS_RAY_URL"), help="claas-ray endpoint")
     evaluate.add_argument("--api-key", default=os.environ.get("CLAAS_RAY_API_KEY"))
     evaluate.add_argument("--preference", action="append", help="shipped name or YAML path (repeatable)")
-    evaluate.add_argument("--steps", type=int)
+    evaluate.add_argument("--sequence", action="append", metavar="A,B",
+                          help="teach A, then B, to one adapter and measure whether A is kept (repeatable)")
+    evaluate.add_argument("--steps", type=int, help="feedback events per preference (default 8)")
     evaluate.add_argument("--eval-every", type=int)
     evaluate.add_argument("--heldout-limit", type=int)
     evaluate.add_argument("--output", default="reports/eval", help="folder for report.json, summary.md, plots")

@@ -16,11 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ENV_PREFIX = "CLAAS_RAY__"
 """Environment overrides: `CLAAS_RAY__TRAINING__LEARNING_RATE=1e-4` sets `training.learning_rate`."""
 
-DEFAULT_HINDSIGHT_TEMPLATE = (
-    "\n\n=== HINDSIGHT ===\n"
-    "[A later message from the user about your answer. Use it to answer the original request well.]\n"
-    "{feedback}"
-)
+DEFAULT_HINDSIGHT_TEMPLATE = "{feedback}\n\n{message}"
+"""The teacher's last user turn: the feedback first, then the user's message. A small model answers what it
+read last, so the question last keeps the teacher answering it (with the feedback appended after it, the 135M
+model talked about the feedback instead); README, "How the defaults were tuned"."""
 
 
 class StrictModel(BaseModel):
@@ -64,7 +63,8 @@ class TrainingConfig(StrictModel):
     ema_rate: float = Field(0.05, gt=0, le=1.0, description="EMA teacher update: teacher = (1-r) teacher + r student.")
     hindsight_template: str = Field(
         DEFAULT_HINDSIGHT_TEMPLATE,
-        description="Appended to the last user turn of the teacher's context; must contain {feedback}.",
+        description="The teacher's last user turn: {message} is the user's text, {feedback} the feedback (with the "
+        "adapter's earlier feedback); without {message} the template is appended to the turn. Must contain {feedback}.",
     )
     max_kl_to_base: float | None = Field(
         5.0, gt=0, description="Reject a step whose post-step KL(student || base) per token exceeds this."
@@ -73,6 +73,52 @@ class TrainingConfig(StrictModel):
         4096, ge=16,
         description="Longest example (teacher prompt + response) a step takes; memory grows with it (about 2.5 MB "
         "per token for the 135M model on the CPU). Longer feedback is refused (400) or rejected, with the reason.",
+    )
+    feedback_memory: int = Field(
+        8, ge=0, le=32,
+        description="The teacher's context also holds up to this many earlier feedback texts the adapter was taught "
+        "(oldest first, each once), so a new preference is taught by a teacher that keeps the old ones: preferences "
+        "accumulate instead of the newest erasing the rest. 0: the teacher sees only the item's own feedback.",
+    )
+    teacher_rollouts: int = Field(
+        8, ge=0, le=16,
+        description="Responses the teacher samples in a step (its own context, feedback included; shared by the "
+        "batch's items) that the student also trains on, beside the users' own responses: the student is pulled toward fluent compliant text, not "
+        "only scored on its own, possibly degenerate, prefixes. Degenerate rollouts are dropped.",
+    )
+    own_response_tokens: int | None = Field(
+        16, ge=1,
+        description="Only the first N tokens of the user's own (student-sampled) response count in the loss; teacher "
+        "rollouts count whole. The opening carries the feedback's signal; later tokens of a drifting student pull "
+        "toward whatever the teacher does after text it would never write. None: all tokens count.",
+    )
+    optimizer_steps: int = Field(
+        2, ge=1, le=8,
+        description="AdamW updates per feedback batch on the same scored tokens (teacher targets computed once).",
+    )
+    rollout_keep: int | None = Field(
+        4, ge=1, le=16,
+        description="Of the teacher's rollouts in a step, train on this many that the feedback explains best (highest mean "
+        "log-prob gain from seeing it); None keeps every rollout that is not degenerate.",
+    )
+    rollout_token_budget: int = Field(
+        2048, ge=0,
+        description="Most tokens (each rollout's prompt plus rollout_max_tokens, summed) a step's rollouts may take. "
+        "Every pass of the step re-reads a rollout whole, so a long conversation (an agent's 2,500-token prompt) gets "
+        "fewer rollouts, or none, rather than a step that takes minutes on a CPU. Raise it on a GPU.",
+    )
+    rollout_temperature: float = Field(0.7, ge=0, le=2.0, description="Sampling temperature of teacher rollouts.")
+    rollout_max_tokens: int = Field(64, ge=1, le=1024, description="Longest teacher rollout, in tokens.")
+    collapse_check_tokens: int | None = Field(
+        32, ge=4, le=256,
+        description="Collapse guard: after the update the student answers the batch's prompts greedily for this many "
+        "tokens, and the step is rejected (reason `collapse`) if those answers are degenerate. None turns it off.",
+    )
+    collapse_check_prompts: list[str] = Field(
+        default_factory=lambda: ["Tell me about your favourite place.", "How do I make a cup of tea?"],
+        max_length=8,
+        description="General prompts the collapse guard answers beside the batch's own: an adapter can stay fluent "
+        "on the prompt it was trained on and loop everywhere else.",
     )
     append_eos: bool = Field(
         True, description="End a response given as text with the end-of-turn token, so length is learned too."

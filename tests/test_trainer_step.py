@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from claas_ray.config import LoraConfig, TrainingConfig
+from claas_ray.degeneration import is_degenerate
 from claas_ray.training import ChatMessage, TrainingExample
+from claas_ray.training.teacher import hindsight_messages
 
 pytestmark = pytest.mark.slow
 
 MESSAGES = [ChatMessage(role="system", content="You are terse."), ChatMessage(role="user", content="Name a colour.")]
 EXAMPLE = TrainingExample(messages=MESSAGES, response_text="Blue is a nice colour 🙂", feedback="No emoji, please.")
+# The SDPO core alone: no teacher rollouts, one update, no collapse guard (each tested on its own below).
+CORE = {"teacher_rollouts": 0, "optimizer_steps": 1, "own_response_tokens": None, "collapse_check_tokens": None}
 
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -21,7 +25,7 @@ def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 def test_zero_effect_init_and_step_changes_only_lora(trainer):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=3)
     assert all(float(t.abs().sum()) == 0.0 for k, t in state.student.items() if "lora_B" in k)
-    result = trainer.step(state, [EXAMPLE], TrainingConfig(learning_rate=1e-3))
+    result = trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-3))
     assert result.accepted, result.reason
     assert not same_tensors(result.state.student, state.student)
     assert result.metrics["tokens"] > 5 and result.metrics["grad_norm"] > 0
@@ -30,7 +34,7 @@ def test_zero_effect_init_and_step_changes_only_lora(trainer):
 
 def test_ema_teacher_update_is_exact(trainer):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=4)
-    config = TrainingConfig(learning_rate=1e-3, ema_rate=0.25)
+    config = TrainingConfig(**CORE, learning_rate=1e-3, ema_rate=0.25)
     new = trainer.step(state, [EXAMPLE], config).state
     for name, teacher in new.teacher.items():
         expected = 0.75 * state.teacher[name] + 0.25 * new.student[name]
@@ -40,32 +44,85 @@ def test_ema_teacher_update_is_exact(trainer):
 @pytest.mark.parametrize("mode", ["base", "current"])
 def test_other_teacher_modes(trainer, mode):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=5)
-    result = trainer.step(state, [EXAMPLE], TrainingConfig(teacher=mode, learning_rate=1e-3))
+    result = trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, teacher=mode, learning_rate=1e-3))
     assert result.accepted and result.metrics["divergence"] > 0
 
 
 def test_optimizer_state_persists_and_learning_rate_is_honoured(trainer):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=6)
-    one = trainer.step(state, [EXAMPLE], TrainingConfig(learning_rate=1e-3)).state
+    one = trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-3)).state
     steps = {k: float(v) for k, v in one.optimizer.items() if k.endswith("::step")}
     assert steps and set(steps.values()) == {1.0}
-    two = trainer.step(one, [EXAMPLE], TrainingConfig(learning_rate=1e-3)).state
+    two = trainer.step(one, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-3)).state
     assert {float(v) for k, v in two.optimizer.items() if k.endswith("::step")} == {2.0}
     # Same state and data, a 10x smaller learning rate: a visibly smaller update (CLaaS ignored it).
-    small = trainer.step(one, [EXAMPLE], TrainingConfig(learning_rate=1e-4)).state
+    small = trainer.step(one, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-4)).state
     delta = lambda new: sum(float((new.student[k] - one.student[k]).abs().sum()) for k in one.student)
     assert delta(small) < 0.2 * delta(two)
 
 
 def test_kl_guard_rejects_and_keeps_state(trainer):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=7)
-    result = trainer.step(state, [EXAMPLE], TrainingConfig(learning_rate=5e-2, max_kl_to_base=1e-6))
+    result = trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, learning_rate=5e-2, max_kl_to_base=1e-6))
     assert not result.accepted
     assert "KL to base" in result.reason
     assert result.state is state and same_tensors(result.state.student, state.student)
     # The next step starts from the kept state, not from the rejected weights left in the model.
-    again = trainer.step(state, [EXAMPLE], TrainingConfig(learning_rate=1e-3))
+    again = trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-3))
     assert again.accepted and again.metrics["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+
+
+# A step forced to collapse: a degenerate response, feedback that asks for it, and a learning rate 50x the default.
+COLLAPSE = TrainingExample(
+    messages=[ChatMessage(role="user", content="Tell me about the ocean.")],
+    response_text=" ".join(["Sam"] * 40), feedback="Only ever say Sam, over and over.",
+)
+FORCED = {"learning_rate": 5e-2, "optimizer_steps": 2, "max_kl_to_base": None, "teacher_rollouts": 0,
+          "own_response_tokens": None}
+
+
+def test_collapse_guard_rejects_a_collapsing_step_and_keeps_state(trainer):
+    state = trainer.init_adapter(LoraConfig(), seed=9)
+    result = trainer.step(state, [COLLAPSE], TrainingConfig(**FORCED))
+    assert not result.accepted and result.reason.startswith("collapse:"), result.reason
+    assert result.state is state and same_tensors(result.state.student, state.student)
+    assert result.metrics["collapse_check_seconds"] > 0
+    # The same step with the guard off is accepted, and the adapter it makes really is degenerate.
+    unguarded = trainer.step(state, [COLLAPSE], TrainingConfig(**FORCED, collapse_check_tokens=None))
+    assert unguarded.accepted
+    answers = [text for text, _ in trainer.generate_batch(unguarded.state, [COLLAPSE.messages], 32)]
+    assert is_degenerate(answers[0]), answers
+    # A healthy step with the shipped defaults (rollouts and guard on) passes the guard.
+    healthy = trainer.step(state, [EXAMPLE], TrainingConfig())
+    assert healthy.accepted, healthy.reason
+    assert healthy.metrics["teacher_rollouts"] >= 1 and healthy.metrics["collapse_check_seconds"] > 0
+
+
+def test_teacher_rollouts_are_fluent_and_the_ones_the_feedback_explains_best(trainer):
+    """Rollouts: sampled by the teacher in its own context, degenerate ones dropped, the best `rollout_keep` kept by
+    the mean log-prob gain from seeing the feedback (checked here against independent scoring)."""
+    example = TrainingExample(messages=[ChatMessage(role="user", content="Tell me about the ocean.")],
+                              response_text="The ocean is big.", feedback="Answer as a bulleted list.")
+    config = TrainingConfig(teacher_rollouts=6, rollout_keep=None)
+    trainer._prepare(trainer.init_adapter(LoraConfig(), seed=10))
+    batch = trainer._tokenize([example], config)
+    every = trainer._teacher_rollouts(batch, config)
+    kept = trainer._teacher_rollouts(batch, config.model_copy(update={"rollout_keep": 2}))
+    assert 2 <= len(every) <= 6 and len(kept) == 2
+    teacher_messages = hindsight_messages(example.messages, example.feedback, config.hindsight_template)
+
+    def gain(rollout) -> float:
+        ids = rollout.response_ids.tolist()
+        assert rollout.student_ids[-len(ids):].tolist() == ids and rollout.teacher_ids[-len(ids):].tolist() == ids
+        assert not is_degenerate(trainer.tokenizer.decode(ids, skip_special_tokens=True))
+        with_feedback = trainer.response_logprob(None, teacher_messages, ids)
+        return (with_feedback - trainer.response_logprob(None, example.messages, ids)) / len(ids)
+
+    gains = sorted((gain(r) for r in every), reverse=True)
+    assert all(r.response_ids.tolist() in [e.response_ids.tolist() for e in every] for r in kept)
+    # The kept ones are the two best (within float noise: sampling scored them with a KV cache, this test without).
+    assert all(gain(r) >= gains[1] - 1e-3 for r in kept), (gains, [gain(r) for r in kept])
+    assert gains[0] > 0  # the feedback explains the best rollout better than the plain context does
 
 
 def test_non_finite_loss_is_rejected(trainer):
@@ -74,7 +131,7 @@ def test_non_finite_loss_is_rejected(trainer):
     name = next(k for k in poisoned if "lora_B" in k)
     poisoned[name] = torch.full_like(poisoned[name], float("nan"))
     bad = type(state)(lora=state.lora, base_model=state.base_model, student=poisoned, teacher=state.teacher)
-    result = trainer.step(bad, [EXAMPLE], TrainingConfig())
+    result = trainer.step(bad, [EXAMPLE], TrainingConfig(**CORE))
     assert not result.accepted and "not finite" in result.reason
     assert result.state is bad
 
@@ -82,7 +139,7 @@ def test_non_finite_loss_is_rejected(trainer):
 def test_batch_of_items_is_one_step(trainer):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=9)
     other = TrainingExample(messages=MESSAGES, response_text="Red!!! 🔥🔥", feedback="No emoji, please.")
-    result = trainer.step(state, [EXAMPLE, other], TrainingConfig(learning_rate=1e-3))
+    result = trainer.step(state, [EXAMPLE, other], TrainingConfig(**CORE, learning_rate=1e-3))
     assert result.accepted and result.metrics["examples"] == 2.0
     assert {float(v) for k, v in result.state.optimizer.items() if k.endswith("::step")} == {1.0}
 
@@ -91,15 +148,15 @@ def test_sampling_logprobs_drive_the_importance_ratio(trainer):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=10)
     ids = trainer.tokenizer("Blue.", add_special_tokens=False)["input_ids"] + [trainer.tokenizer.eos_token_id]
     far = TrainingExample(messages=MESSAGES, response_token_ids=ids, response_logprobs=[-30.0] * len(ids), feedback="Say more.")
-    result = trainer.step(state, [far], TrainingConfig(is_clip=2.0))
+    result = trainer.step(state, [far], TrainingConfig(**CORE, is_clip=2.0))
     assert result.metrics["is_clipped_fraction"] == 1.0 and result.metrics["is_ratio_mean"] == pytest.approx(2.0)
 
 
 def test_rank_change_between_adapters(trainer):
     small = trainer.init_adapter(LoraConfig(rank=2, alpha=4), seed=11)
     big = trainer.init_adapter(LoraConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]), seed=12)
-    assert trainer.step(small, [EXAMPLE], TrainingConfig()).accepted
-    assert trainer.step(big, [EXAMPLE], TrainingConfig()).accepted
+    assert trainer.step(small, [EXAMPLE], TrainingConfig(**CORE)).accepted
+    assert trainer.step(big, [EXAMPLE], TrainingConfig(**CORE)).accepted
     assert all(t.shape[0] == 8 or t.shape[1] == 8 for t in big.student.values())
 
 
@@ -107,4 +164,4 @@ def test_examples_longer_than_max_step_tokens_are_refused_before_any_work(traine
     """A step's memory grows with its length: an over-long example is a clear error, never an OOM."""
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=9)
     with pytest.raises(ValueError, match=r"training\.max_step_tokens"):
-        trainer.step(state, [EXAMPLE], TrainingConfig(max_step_tokens=16))
+        trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, max_step_tokens=16))

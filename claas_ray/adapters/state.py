@@ -20,6 +20,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TEACHER_WEIGHTS = "teacher.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
+LEARNED_FEEDBACK = "learned_feedback.json"
 PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
@@ -44,13 +45,15 @@ def peft_adapter_config(lora: LoraConfig, base_model: str) -> dict:
 
 @dataclass
 class AdapterState:
-    """Student weights (PEFT keys), EMA teacher weights and optimizer moments of one adapter version."""
+    """Student weights (PEFT keys), EMA teacher weights and optimizer moments of one adapter version, and the
+    feedback texts it was taught (oldest first), which the teacher keeps in view when it teaches the next."""
 
     lora: LoraConfig
     base_model: str
     student: dict[str, torch.Tensor]
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
+    learned_feedback: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.student:
@@ -71,6 +74,8 @@ class AdapterState:
             files[TEACHER_WEIGHTS] = save_safetensors(_contiguous(self.teacher))
         if self.optimizer:
             files[OPTIMIZER_STATE] = save_safetensors(_contiguous(self.optimizer))
+        if self.learned_feedback:
+            files[LEARNED_FEEDBACK] = json.dumps(self.learned_feedback, ensure_ascii=False).encode()
         return files
 
     @classmethod
@@ -88,6 +93,7 @@ class AdapterState:
             student=load_safetensors(files[ADAPTER_WEIGHTS]),
             teacher=load_safetensors(files[TEACHER_WEIGHTS]) if TEACHER_WEIGHTS in files else {},
             optimizer=load_safetensors(files[OPTIMIZER_STATE]) if OPTIMIZER_STATE in files else {},
+            learned_feedback=[str(text) for text in json.loads(files[LEARNED_FEEDBACK])] if LEARNED_FEEDBACK in files else [],
         )
 
 

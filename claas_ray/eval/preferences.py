@@ -9,14 +9,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 DATA = Path(__file__).parent / "data"
-SHIPPED = ("no_emoji", "concise", "identity", "language")
+SHIPPED = ("no_emoji", "concise", "identity", "language", "bullets", "formal")
 
 
 class VerifierSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["no_emoji", "concise", "mentions", "language"]
+    kind: Literal["no_emoji", "concise", "mentions", "language", "bullets", "no_contractions"]
     max_sentences: int = 2
+    min_items: int = 2
     min_words: int = 1
     words: list[str] = Field(default_factory=list)
     language: str = "fr"
@@ -36,15 +37,19 @@ class Preference(BaseModel):
     name: str
     feedback: str
     system: str | None = Field(None, description="A system prompt for every conversation, e.g. a persona to correct.")
+    history: list[dict[str, str]] = Field(
+        default_factory=list, description="Earlier turns every conversation starts with (after the system prompt)."
+    )
     training_prompts: list[str] = Field(min_length=1)
     heldout_prompts: list[str] = Field(min_length=1)
     verifier: VerifierSpec
     references: References
+    about_length: bool = Field(False, description="The preference changes answer length, so length is not a capability.")
 
     def conversation(self, prompt: str) -> list[dict[str, str]]:
-        """The messages a user sends for one prompt: the preference's system prompt, if any, then the prompt."""
+        """The messages a user sends for one prompt: the system prompt and earlier turns, if any, then the prompt."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, {"role": "user", "content": prompt}]
+        return [*system, *self.history, {"role": "user", "content": prompt}]
 
 
 def load_preference(name_or_path: str) -> Preference:

@@ -1,10 +1,14 @@
 """`claas-ray eval`: teach each preference to a fresh adapter through the API, and measure as it learns.
 
-For each preference: create an adapter; then per step sample answers to training prompts (as a user
-would get them), send the preference as feedback on those completions (by completion id), and every
-`eval_every` steps measure on held-out prompts that are never trained on: compliance (the verifier),
+For each preference: create an adapter; then per feedback event sample an answer to a training prompt (as
+a user would get it), send the preference as feedback on that completion (by completion id), wait until it
+is applied, and every `eval_every` events measure on held-out prompts that are never trained on: clean
+compliance (the verifier accepts the greedy answer and it is not degenerate), raw compliance beside it,
 the log-prob margin of a compliant over a non-compliant reference answer, capability against the base
-model (likelihood of general text, accuracy on a small QA set), and collapse signals.
+model (likelihood of general text, accuracy on a small QA set, diversity and length of the answers).
+
+Sequences teach preference A to one adapter, then preference B to the same adapter, and measure whether
+A is kept: continual learning means exactly this.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 from tqdm import tqdm
 
+from claas_ray.degeneration import is_degenerate
 from claas_ray.eval.metrics import distinct_n, mean_words, repetition_rate
 from claas_ray.eval.preferences import SHIPPED, Capability, Preference, load_capability, load_preference
-from claas_ray.eval.verifiers import complies
+from claas_ray.eval.verifiers import complies, complies_cleanly
 
 
 class EvalConfig(BaseModel):
@@ -29,10 +34,13 @@ class EvalConfig(BaseModel):
     url: str = Field("http://127.0.0.1:8000", description="The claas-ray endpoint.")
     api_key: str | None = None
     base_model: str = Field("smollm2-135m", description="The served base model's name, for baselines.")
-    preferences: list[str] = Field(default_factory=lambda: list(SHIPPED), min_length=1)
-    steps: int = Field(8, ge=1, description="Feedback steps per preference.")
+    preferences: list[str] = Field(default_factory=lambda: list(SHIPPED))
+    sequences: list[tuple[str, str]] = Field(
+        default_factory=list, description="Ordered pairs (A, B): teach A, then B, to one adapter; is A kept?"
+    )
+    steps: int = Field(8, ge=1, description="Feedback events per preference.")
     eval_every: int = Field(2, ge=1)
-    train_batch: int = Field(2, ge=1, description="Answers sampled, and feedback items sent, per step.")
+    train_batch: int = Field(1, ge=1, description="Answers sampled, and feedback items sent, per step (1: one event).")
     heldout_limit: int | None = Field(None, ge=1, description="Use only the first N held-out prompts.")
     max_tokens: int = Field(64, ge=1)
     train_temperature: float = Field(0.7, ge=0)
@@ -44,7 +52,9 @@ class EvalConfig(BaseModel):
 class Checkpoint(BaseModel):
     step: int
     version: int
-    compliance: float
+    clean_compliance: float = Field(description="Share of held-out answers that comply and are not degenerate.")
+    compliance: float = Field(description="Raw compliance: the verifier alone.")
+    degenerate: float = Field(0.0, description="Share of held-out answers that are degenerate.")
     margin: float
     capability_nll_ratio: float | None = None
     capability_qa_accuracy: float | None = None
@@ -59,21 +69,43 @@ class PreferenceResult(BaseModel):
     lora_id: str
     checkpoints: list[Checkpoint]
     rejected_steps: int = 0
+    rejections: list[str] = Field(default_factory=list, description="Why rejected steps were rejected.")
     step_metrics: list[dict[str, float]] = Field(default_factory=list)
 
 
 class TargetCheck(BaseModel):
-    """The project's bar for one preference: held-out compliance >= 0.8 within 8 steps, capability loss <= 3%."""
+    """The bar for one preference: clean compliance >= 0.8 within 8 events, kept to the end, capability kept."""
 
     preference: str
-    best_compliance_within_8_steps: float
+    base_clean_compliance: float
+    best_clean_compliance_within_8_steps: float
     first_step_at_target: int | None
-    capability_loss: float | None
+    final_clean_compliance: float
+    capability_loss: float | None = Field(description="General-text NLL change at the last checkpoint (0.03 = 3% worse).")
+    capability_kept: bool = Field(
+        description="NLL at most 3% above the base's, QA at most one item below, distinct-2 at least 0.8x the "
+        "base's, mean length 0.3x-2x the base's (unless the preference is about length)."
+    )
+    capability_problems: list[str] = Field(default_factory=list)
     met: bool
     collapsed: bool = Field(
-        description="Answers degenerated: distinct-2 under half the base model's, or repetition above 0.5. "
-        "The issue's target does not count this; a user would."
+        description="At the last checkpoint, the share of degenerate held-out answers is more than 0.1 above the base's."
     )
+
+
+class SequenceResult(BaseModel):
+    """One adapter taught `first`, then `second`: `first` measured again after `second` was taught."""
+
+    first: PreferenceResult
+    second: PreferenceResult
+    first_kept: Checkpoint = Field(description="`first`'s held-out measurement after `second` was taught.")
+    first_kept_target: float = 0.7
+
+    @computed_field
+    @property
+    def met(self) -> bool:
+        """B meets its target and A's clean compliance after B is still at least `first_kept_target`."""
+        return check_target(self.second).met and self.first_kept.clean_compliance >= self.first_kept_target
 
 
 class EvalReport(BaseModel):
@@ -83,6 +115,7 @@ class EvalReport(BaseModel):
     base_capability: dict[str, float] = Field(default_factory=dict)
     results: list[PreferenceResult]
     targets: list[TargetCheck] = Field(default_factory=list)
+    sequences: list[SequenceResult] = Field(default_factory=list)
 
 
 class ClaasClient:
@@ -146,7 +179,9 @@ def measure(client: ClaasClient, config: EvalConfig, preference: Preference, mod
     margin = good["logprob_sum"] / good["completion_tokens"] - bad["logprob_sum"] / bad["completion_tokens"]
     checkpoint = Checkpoint(
         step=step, version=version,
-        compliance=sum(complies(a, preference.verifier) for a in answers) / len(answers),
+        clean_compliance=_share(answers, lambda a: complies_cleanly(a, preference.verifier)),
+        compliance=_share(answers, lambda a: complies(a, preference.verifier)),
+        degenerate=_share(answers, is_degenerate),
         margin=margin,
         distinct_2=distinct_n(answers, 2), mean_words=mean_words(answers),
         repetition=sum(repetition_rate(a) for a in answers) / len(answers),
@@ -159,21 +194,35 @@ def measure(client: ClaasClient, config: EvalConfig, preference: Preference, mod
     return checkpoint
 
 
-def run_eval(config: EvalConfig) -> EvalReport:
-    client = ClaasClient(config)
-    started = time.time()
-    probes = load_capability() if config.capability else None
-    base = capability(client, config.base_model, probes) if probes else {}
-    preferences = [load_preference(name) for name in config.preferences]
-    results = []
-    progress = tqdm(total=len(preferences) * config.steps, desc="eval", unit="step", file=sys.stderr)
-    for preference in preferences:
-        lora_id = f"{config.lora_prefix}/{preference.name}-{int(started)}"
-        client.init(lora_id)
-        version = 0
-        result = PreferenceResult(preference=preference.name, lora_id=lora_id, checkpoints=[
-            measure(client, config, preference, lora_id, 0, version, base, probes)
-        ])
+def _share(answers: list[str], accepts) -> float:
+    return sum(bool(accepts(answer)) for answer in answers) / len(answers)
+
+
+class _Session:
+    """One evaluation run: the client, the base model's capability, and the progress bar."""
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+        self.client = ClaasClient(config)
+        self.started = time.time()
+        self.probes = load_capability() if config.capability else None
+        self.base = capability(self.client, config.base_model, self.probes) if self.probes else {}
+        events = len(config.preferences) + 2 * len(config.sequences)
+        self.progress = tqdm(total=events * config.steps, desc="eval", unit="event", file=sys.stderr)
+
+    def new_adapter(self, name: str) -> str:
+        lora_id = f"{self.config.lora_prefix}/{name}-{int(self.started)}"
+        self.client.init(lora_id)
+        return lora_id
+
+    def measure(self, preference: Preference, lora_id: str, step: int, version: int) -> Checkpoint:
+        return measure(self.client, self.config, preference, lora_id, step, version, self.base, self.probes)
+
+    def teach(self, preference: Preference, lora_id: str, version: int) -> PreferenceResult:
+        """`config.steps` feedback steps of one preference on `lora_id`, measured every `eval_every`."""
+        config, client = self.config, self.client
+        result = PreferenceResult(preference=preference.name, lora_id=lora_id,
+                                  checkpoints=[self.measure(preference, lora_id, 0, version)])
         for step in range(1, config.steps + 1):
             prompts = [preference.training_prompts[(step * config.train_batch + i) % len(preference.training_prompts)]
                        for i in range(config.train_batch)]
@@ -190,36 +239,87 @@ def run_eval(config: EvalConfig) -> EvalReport:
                 result.step_metrics.append(applied[-1]["metrics"])
             else:
                 result.rejected_steps += 1
+                result.rejections.extend(s.get("reason") or "" for s in statuses)
             if step % config.eval_every == 0 or step == config.steps:
-                result.checkpoints.append(measure(client, config, preference, lora_id, step, version, base, probes))
-            progress.update(1)
-            progress.set_postfix(preference=preference.name, compliance=f"{result.checkpoints[-1].compliance:.2f}")
-        results.append(result)
-    progress.close()
-    return EvalReport(config=config, started_at=started, finished_at=time.time(), base_capability=base, results=results,
-                      targets=[check_target(result) for result in results])
+                result.checkpoints.append(self.measure(preference, lora_id, step, version))
+            self.progress.update(1)
+            self.progress.set_postfix(preference=preference.name,
+                                      clean=f"{result.checkpoints[-1].clean_compliance:.2f}")
+        return result
 
 
-COMPLIANCE_TARGET, STEPS_TARGET, CAPABILITY_LOSS_TARGET = 0.8, 8, 0.03
+def run_eval(config: EvalConfig) -> EvalReport:
+    session = _Session(config)
+    results = []
+    for name in config.preferences:
+        preference = load_preference(name)
+        results.append(session.teach(preference, session.new_adapter(preference.name), 0))
+    sequences = []
+    for first_name, second_name in config.sequences:
+        first, second = load_preference(first_name), load_preference(second_name)
+        lora_id = session.new_adapter(f"{first.name}-then-{second.name}")
+        taught_first = session.teach(first, lora_id, 0)
+        version = taught_first.checkpoints[-1].version
+        taught_second = session.teach(second, lora_id, version)
+        kept = session.measure(first, lora_id, 2 * config.steps, taught_second.checkpoints[-1].version)
+        sequences.append(SequenceResult(first=taught_first, second=taught_second, first_kept=kept))
+    session.progress.close()
+    return EvalReport(config=config, started_at=session.started, finished_at=time.time(),
+                      base_capability=session.base, results=results,
+                      targets=[check_target(result) for result in results], sequences=sequences)
+
+
+COMPLIANCE_TARGET, STEPS_TARGET, BASE_CEILING, COLLAPSE_MARGIN = 0.8, 8, 0.3, 0.1
+CAPABILITY_LOSS_TARGET, DISTINCT_FLOOR, LENGTH_RANGE = 0.03, 0.8, (0.3, 2.0)
+
+
+def capability_problems(result: PreferenceResult, qa_items: int | None = None, about_length: bool = False) -> list[str]:
+    """What the last checkpoint lost against version 0 (the base model), by the issue's definition."""
+    first, last = result.checkpoints[0], result.checkpoints[-1]
+    problems = []
+    loss = capability_loss(result)
+    if not math.isnan(loss) and loss > CAPABILITY_LOSS_TARGET:
+        problems.append(f"general-text NLL {loss:+.1%}")
+    if first.capability_qa_accuracy is not None and last.capability_qa_accuracy is not None:
+        one_item = 1 / qa_items if qa_items else 0.0
+        if last.capability_qa_accuracy < first.capability_qa_accuracy - one_item - 1e-9:
+            problems.append(f"QA accuracy {first.capability_qa_accuracy:.2f} -> {last.capability_qa_accuracy:.2f}")
+    if last.distinct_2 < DISTINCT_FLOOR * first.distinct_2:
+        problems.append(f"distinct-2 {first.distinct_2:.2f} -> {last.distinct_2:.2f}")
+    low, high = LENGTH_RANGE
+    if not about_length and first.mean_words and not low <= last.mean_words / first.mean_words <= high:
+        problems.append(f"mean length {first.mean_words:.0f} -> {last.mean_words:.0f} words")
+    return problems
 
 
 def check_target(result: PreferenceResult) -> TargetCheck:
+    try:
+        preference = load_preference(result.preference)
+        about_length = preference.about_length
+    except ValueError:  # a report from a preference file that is not at hand
+        about_length = False
     within = [c for c in result.checkpoints if c.step <= STEPS_TARGET]
-    reached = [c.step for c in within if c.compliance >= COMPLIANCE_TARGET]
+    reached = [c.step for c in within if c.clean_compliance >= COMPLIANCE_TARGET]
     loss = capability_loss(result)
-    loss = None if math.isnan(loss) else loss
+    problems = capability_problems(result, _qa_items(), about_length)
+    last = result.checkpoints[-1]
     return TargetCheck(
         preference=result.preference,
-        best_compliance_within_8_steps=max(c.compliance for c in within),
+        base_clean_compliance=result.checkpoints[0].clean_compliance,
+        best_clean_compliance_within_8_steps=max(c.clean_compliance for c in within),
         first_step_at_target=reached[0] if reached else None,
-        capability_loss=loss,
-        met=bool(reached) and within[-1].compliance >= COMPLIANCE_TARGET and (loss is None or loss <= CAPABILITY_LOSS_TARGET),
-        collapsed=within[-1].distinct_2 < 0.5 * within[0].distinct_2 or within[-1].repetition > 0.5,
+        final_clean_compliance=last.clean_compliance,
+        capability_loss=None if math.isnan(loss) else loss,
+        capability_kept=not problems,
+        capability_problems=problems,
+        met=bool(reached) and last.clean_compliance >= COMPLIANCE_TARGET and not problems
+        and result.checkpoints[0].clean_compliance < BASE_CEILING,
+        collapsed=last.degenerate > result.checkpoints[0].degenerate + COLLAPSE_MARGIN,
     )
 
 
-def best_compliance(result: PreferenceResult) -> float:
-    return max(c.compliance for c in result.checkpoints)
+def _qa_items() -> int:
+    return len(load_capability().questions)
 
 
 def capability_loss(result: PreferenceResult) -> float:

@@ -4,6 +4,11 @@ The trainer holds one base model and two LoRA slots, `student` and `teacher` (th
 adapter's tensors are copied into the slots at the start of every step and read back at the end, so one
 trainer serves any number of adapters, and the base weights are never written: only slot parameters are
 given to the optimizer, and the "base" passes run with the adapter layers disabled.
+
+A step: the teacher's context (the feedback, with the adapter's earlier feedback, before the user's
+message); teacher rollouts mixed in beside the user's own response; the SDPO loss and `optimizer_steps`
+AdamW updates; then the guards (finite loss and gradients, exact KL to the base, collapse) before the new
+state is returned. README, "SDPO: the algorithm and its knobs", walks through it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import torch
 from claas_ray.adapters.state import AdapterState
 from claas_ray.chat import ChatMessage, render_prompt_ids
 from claas_ray.config import LoraConfig, ModelConfig, TrainingConfig
+from claas_ray.degeneration import is_degenerate
 from claas_ray.models.registry import resolve_model_path
 from claas_ray.training.example import TokenizedExample, TrainingExample, tokenize_example
 from claas_ray.training.sdpo_loss import TeacherTopK, sdpo_loss, teacher_topk
-from claas_ray.training.teacher import ema_update, hindsight_messages
+from claas_ray.training.teacher import ema_update, hindsight_messages, learn_feedback, remembered_feedback
 
 STUDENT = "student"
 TEACHER = "teacher"
@@ -204,12 +210,18 @@ class SDPOTrainer:
     def _teacher_weights(self, config: TrainingConfig) -> Weights:
         return {"ema": TEACHER, "base": "base", "current": STUDENT}[config.teacher]
 
-    def _tokenize(self, examples: Sequence[TrainingExample], config: TrainingConfig) -> list[TokenizedExample]:
+    def _tokenize(
+        self, examples: Sequence[TrainingExample], config: TrainingConfig, learned: Sequence[str] = ()
+    ) -> list[TokenizedExample]:
         return [
             tokenize_example(
                 self.tokenizer,
                 example,
-                hindsight_messages(example.messages, example.feedback, config.hindsight_template),
+                hindsight_messages(
+                    example.messages,
+                    remembered_feedback(learned, example.feedback, config.feedback_memory),
+                    config.hindsight_template,
+                ),
                 append_eos=config.append_eos,
                 max_len=min(self.model_config.max_model_len, config.max_step_tokens or self.model_config.max_model_len),
             )
@@ -240,8 +252,14 @@ class SDPOTrainer:
         if not examples:
             raise ValueError("a step needs at least one example")
         torch.manual_seed(config.seed)
-        batch = self._tokenize(examples, config)
+        batch = self._tokenize(examples, config, state.learned_feedback)
         self._prepare(state)
+        rollout_count, rollout_seconds = 0, 0.0
+        if config.teacher_rollouts:
+            rollout_started = time.perf_counter()
+            rollouts = self._teacher_rollouts(batch, config)
+            rollout_count, rollout_seconds = len(rollouts), time.perf_counter() - rollout_started
+            batch = batch + rollouts
         targets = self._teacher_targets(batch, config)
         need_base = config.kl_weight > 0 or config.max_kl_to_base is not None
         base_dists = self._base_distributions(batch) if need_base else [None] * len(batch)
@@ -253,52 +271,37 @@ class SDPOTrainer:
 
         params = self._slot_params(STUDENT)
         optimizer = _make_optimizer(params, state.optimizer, config)
-        optimizer.zero_grad(set_to_none=True)
-        total_tokens = sum(item.response_ids.shape[0] for item in batch)
-        sums = {"loss": 0.0, "divergence": 0.0, "kl": 0.0, "ratio": 0.0, "clipped": 0.0}
-        dropout = self._slot_lora is not None and self._slot_lora.dropout > 0  # the only train-mode layers
-        with self._weights(STUDENT):
-            if dropout:
-                self._peft.train()
-            try:
-                for item, target, chosen_base in zip(batch, targets, base_logprobs):
-                    out = sdpo_loss(
-                        self._response_logits(item.student_ids, item.response_ids.shape[0]),
-                        item.response_ids.to(self.device),
-                        target,
-                        alpha=config.alpha,
-                        is_clip=config.is_clip,
-                        kl_weight=config.kl_weight,
-                        base_logprobs=chosen_base,
-                        sampling_logprobs=None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device),
-                    )
-                    (out.loss_sum / total_tokens).backward()
-                    sums["loss"] += float(out.loss_sum.detach())
-                    sums["divergence"] += out.divergence_sum
-                    sums["kl"] += out.kl_sum
-                    sums["ratio"] += out.ratio_sum
-                    sums["clipped"] += out.clipped_count
-            finally:
-                if dropout:
-                    self._peft.eval()
-
-        metrics = {
-            "loss": sums["loss"] / total_tokens,
-            "divergence": sums["divergence"] / total_tokens,
-            "kl_to_base": sums["kl"] / total_tokens,
-            "is_ratio_mean": sums["ratio"] / total_tokens,
-            "is_clipped_fraction": sums["clipped"] / total_tokens,
-            "tokens": float(total_tokens),
-            "examples": float(len(batch)),
-            "learning_rate": config.learning_rate,
-        }
-        if not math.isfinite(metrics["loss"]):
-            return self._reject(state, metrics, started, "loss is not finite")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm))
-        metrics["grad_norm"] = grad_norm
-        if not math.isfinite(grad_norm):
-            return self._reject(state, metrics, started, "gradient norm is not finite")
-        optimizer.step()
+        own = len(batch) - rollout_count
+        masks = [
+            _prefix_mask(item.response_ids.shape[0], config.own_response_tokens if index < own else None, self.device)
+            for index, item in enumerate(batch)
+        ]
+        total_tokens = int(sum(float(mask.sum()) for mask in masks))
+        metrics: dict[str, float] = {}
+        for update in range(config.optimizer_steps):
+            optimizer.zero_grad(set_to_none=True)
+            sums = self._backward(batch, targets, base_logprobs, masks, config, total_tokens)
+            if update == 0:  # the batch as it was scored before any update
+                metrics = {
+                    "loss": sums["loss"] / total_tokens,
+                    "divergence": sums["divergence"] / total_tokens,
+                    "kl_to_base": sums["kl"] / total_tokens,
+                    "is_ratio_mean": sums["ratio"] / total_tokens,
+                    "is_clipped_fraction": sums["clipped"] / total_tokens,
+                    "tokens": float(total_tokens),
+                    "examples": float(own),
+                    "response_tokens": float(sum(item.response_ids.shape[0] for item in batch[:own])),
+                    "teacher_rollouts": float(rollout_count),
+                    "rollout_seconds": rollout_seconds,
+                    "learning_rate": config.learning_rate,
+                }
+            if not math.isfinite(sums["loss"]):
+                return self._reject(state, metrics, started, "loss is not finite")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm))
+            metrics["grad_norm"] = max(grad_norm, metrics.get("grad_norm", 0.0))
+            if not math.isfinite(grad_norm):
+                return self._reject(state, metrics, started, "gradient norm is not finite")
+            optimizer.step()
 
         if config.max_kl_to_base is not None:
             kl_after = self._kl_to_base(batch, base_dists)
@@ -307,6 +310,16 @@ class SDPOTrainer:
                 return self._reject(
                     state, metrics, started,
                     f"KL to base after the step is {kl_after:.4g} per token, above max_kl_to_base={config.max_kl_to_base}",
+                )
+
+        if config.collapse_check_tokens is not None:
+            check_started = time.perf_counter()
+            degenerate = self._degenerate_answers(batch[: len(batch) - rollout_count], config)
+            metrics["collapse_check_seconds"] = time.perf_counter() - check_started
+            if degenerate:
+                return self._reject(
+                    state, metrics, started,
+                    f"collapse: after the step the adapter's greedy answer is degenerate: {degenerate[0][:160]!r}",
                 )
 
         student = self._read_slot(STUDENT)
@@ -318,14 +331,116 @@ class SDPOTrainer:
             student=student,
             teacher=teacher,
             optimizer=_optimizer_tensors(params, optimizer),
+            learned_feedback=learn_feedback(state.learned_feedback, [example.feedback for example in examples]),
         )
         metrics["step_seconds"] = time.perf_counter() - started
         return StepResult(accepted=True, state=new_state, metrics=metrics)
+
+    def _backward(
+        self,
+        batch: list[TokenizedExample],
+        targets: list[TeacherTopK],
+        base_logprobs: list[torch.Tensor | None],
+        masks: list[torch.Tensor],
+        config: TrainingConfig,
+        total_tokens: int,
+    ) -> dict[str, float]:
+        """Gradients of the token-mean SDPO loss over the batch, one example at a time; returns the sums."""
+        sums = {"loss": 0.0, "divergence": 0.0, "kl": 0.0, "ratio": 0.0, "clipped": 0.0}
+        dropout = self._slot_lora is not None and self._slot_lora.dropout > 0  # the only train-mode layers
+        with self._weights(STUDENT):
+            if dropout:
+                self._peft.train()
+            try:
+                for item, target, chosen_base, mask in zip(batch, targets, base_logprobs, masks):
+                    out = sdpo_loss(
+                        self._response_logits(item.student_ids, item.response_ids.shape[0]),
+                        item.response_ids.to(self.device),
+                        target,
+                        alpha=config.alpha,
+                        is_clip=config.is_clip,
+                        kl_weight=config.kl_weight,
+                        base_logprobs=chosen_base,
+                        sampling_logprobs=None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device),
+                        mask=mask,
+                    )
+                    (out.loss_sum / total_tokens).backward()
+                    sums["loss"] += float(out.loss_sum.detach())
+                    sums["divergence"] += out.divergence_sum
+                    sums["kl"] += out.kl_sum
+                    sums["ratio"] += out.ratio_sum
+                    sums["clipped"] += out.clipped_count
+            finally:
+                if dropout:
+                    self._peft.eval()
+        return sums
 
     @staticmethod
     def _reject(state: AdapterState, metrics: dict[str, float], started: float, reason: str) -> StepResult:
         metrics["step_seconds"] = time.perf_counter() - started
         return StepResult(accepted=False, state=state, metrics=metrics, reason=reason)
+
+    @torch.no_grad()
+    def _teacher_rollouts(self, batch: list[TokenizedExample], config: TrainingConfig) -> list[TokenizedExample]:
+        """Responses the teacher samples in its own context, aligned to the student's prompt.
+
+        Trained on with the same loss as the student's response (no importance ratio: they are the teacher's
+        own samples, so the forward KL on them is plain sequence-level distillation). Degenerate ones teach
+        collapse and are dropped. Of the rest, the ones the feedback explains best are kept (`rollout_keep` in a
+        step): the highest mean log-prob gain of the response from seeing the feedback (the same weights with
+        and without it), which needs no verifier and knows nothing of what the feedback asks.
+        """
+        weights = self._teacher_weights(config)
+        # The budget is per step, shared by the batch's items: a batch of many items costs no more to sample.
+        items = batch[: config.teacher_rollouts]
+        per_item = config.teacher_rollouts // len(items)
+        keep = None if config.rollout_keep is None else max(1, config.rollout_keep // len(items))
+        budget = config.rollout_token_budget
+        kept: list[TokenizedExample] = []
+        for item in items:
+            student_prompt, teacher_prompt = item.student_ids[: item.student_start], item.teacher_ids[: item.teacher_start]
+            count = min(per_item, budget // (teacher_prompt.shape[0] + config.rollout_max_tokens))
+            if count == 0:
+                continue
+            budget -= count * (teacher_prompt.shape[0] + config.rollout_max_tokens)
+            with self._weights(weights):
+                samples = self._sample_scored(
+                    [teacher_prompt.tolist()] * count, config.rollout_max_tokens, config.rollout_temperature, config.seed,
+                )
+            scored: list[tuple[float, TokenizedExample]] = []
+            for row, teacher_logprobs in samples:
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                if not text.strip() or is_degenerate(text):
+                    continue
+                response = torch.tensor(row, dtype=torch.long)
+                rollout = TokenizedExample(
+                    student_ids=torch.cat([student_prompt, response]),
+                    teacher_ids=torch.cat([teacher_prompt, response]),
+                    response_ids=response,
+                    sampling_logprobs=None,
+                )
+                with self._weights(weights):
+                    without_feedback = self._chosen_logprobs(rollout.student_ids, response).cpu()
+                scored.append((float((teacher_logprobs - without_feedback).mean()), rollout))
+            scored.sort(key=lambda pair: pair[0], reverse=True)
+            kept.extend(rollout for _, rollout in scored[: keep or len(scored)])
+        return kept
+
+    @torch.no_grad()
+    def _degenerate_answers(self, batch: list[TokenizedExample], config: TrainingConfig) -> list[str]:
+        """The student's greedy answers to the batch's prompts and the guard's own, if at least half are degenerate.
+
+        Greedy decoding is what exposes collapse (a loop the sampler would sometimes escape), and a few dozen
+        tokens are enough to see it: this costs one short batched generation, not full answers.
+        """
+        prompts = {tuple(item.student_ids[: item.student_start].tolist()): None for item in batch}
+        for text in config.collapse_check_prompts:
+            prompts[tuple(render_prompt_ids(self.tokenizer, [ChatMessage(role="user", content=text)]))] = None
+        with self._weights(STUDENT):
+            rows = self._sample([list(prompt) for prompt in prompts], config.collapse_check_tokens, 0.0, 0)
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+        degenerate = [text for text in texts if is_degenerate(text)]
+        return degenerate if 2 * len(degenerate) >= len(texts) else []
 
     @torch.no_grad()
     def _kl_to_base(self, batch: list[TokenizedExample], base: list[torch.Tensor]) -> float:
@@ -349,7 +464,7 @@ class SDPOTrainer:
         self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig
     ) -> float:
         """Token-mean GJSD between the student and the configured teacher on the given responses."""
-        batch = self._tokenize(examples, config)
+        batch = self._tokenize(examples, config, state.learned_feedback)
         self._prepare(state)
         targets = self._teacher_targets(batch, config)
         total, count = 0.0, 0
@@ -397,30 +512,63 @@ class SDPOTrainer:
     ) -> list[tuple[str, list[int]]]:
         """Responses to several conversations in one left-padded batch (evaluation and tuning)."""
         prompts = [render_prompt_ids(self.tokenizer, messages) for messages in conversations]
+        with self._weights(self._select(state)):
+            rows = self._sample(prompts, max_new_tokens, temperature, seed)
+        return [(self.tokenizer.decode(row, skip_special_tokens=True), row) for row in rows]
+
+    @torch.no_grad()
+    def _sample(self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
+        """Token ids sampled after each prompt with the weights already selected, cut after the first EOS."""
+        return [row for row, _ in self._generate(prompts, max_new_tokens, temperature, seed, with_logprobs=False)]
+
+    @torch.no_grad()
+    def _sample_scored(
+        self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float, seed: int
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """As `_sample`, with each sampled token's log-prob under the sampling weights (before temperature)."""
+        return self._generate(prompts, max_new_tokens, temperature, seed, with_logprobs=True)
+
+    def _generate(
+        self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float, seed: int, with_logprobs: bool
+    ) -> list[tuple[list[int], torch.Tensor | None]]:
         width = max(len(prompt) for prompt in prompts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        weights = self._select(state)
         torch.manual_seed(seed)
-        with self._weights(weights):
-            output = self._peft.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
+        output = self._peft.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            return_dict_in_generate=True,
+            output_logits=with_logprobs,
+        )
+        sampled = output.sequences[:, width:]
+        chosen = None
+        if with_logprobs:
+            logprobs = torch.log_softmax(torch.stack(output.logits, dim=1).float(), -1)  # [B, new, V]
+            chosen = logprobs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1).cpu()
         results = []
-        for row in output[:, width:].tolist():
-            if self.tokenizer.eos_token_id in row:
-                row = row[: row.index(self.tokenizer.eos_token_id) + 1]
-            results.append((self.tokenizer.decode(row, skip_special_tokens=True), row))
+        for index, row in enumerate(sampled.tolist()):
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            results.append((row, None if chosen is None else chosen[index, : len(row)]))
         return results
+
+
+def _prefix_mask(length: int, keep: int | None, device: torch.device) -> torch.Tensor:
+    """1 for the first `keep` of `length` positions (all of them when keep is None), 0 after."""
+    mask = torch.ones(length, device=device)
+    if keep is not None:
+        mask[keep:] = 0.0
+    return mask
 
 
 def _check_layout(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
