@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ENV_PREFIX = "CLAAS_RAY__"
 """Environment overrides: `CLAAS_RAY__TRAINING__LEARNING_RATE=1e-4` sets `training.learning_rate`."""
 
+APPENDED_HINDSIGHT_TEMPLATE = (
+    "\n\n=== HINDSIGHT ===\n"
+    "[A later message from the user about your answer. Use it to answer the original request well.]\n"
+    "{feedback}"
+)
+"""The earlier default: a hindsight block after the user's message. Tinker's SDPO signal (scores on the student's
+own samples, no rollouts) was tuned with it, and `configs/tinker.yaml` keeps it."""
+
 DEFAULT_HINDSIGHT_TEMPLATE = "{feedback}\n\n{message}"
 """The teacher's last user turn: the feedback first, then the user's message. A small model answers what it
 read last, so the question last keeps the teacher answering it (with the feedback appended after it, the 135M

@@ -22,7 +22,7 @@ from claas_ray.backends.tinker.standin import (
 from claas_ray.backends.tinker.store import TinkerAdapterStore
 from claas_ray.backends.tinker.trainer import TinkerSDPO
 from claas_ray.chat import ChatMessage
-from claas_ray.config import LoraConfig, TrainingConfig
+from claas_ray.config import APPENDED_HINDSIGHT_TEMPLATE, LoraConfig, TrainingConfig
 from claas_ray.training.example import TrainingExample
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_sdpo_on_tinker_moves_the_student_toward_the_teacher(tinker_sdpo):
     from claas_ray.training.teacher import hindsight_messages
 
     tokenizer = trainer.tokenizer
-    config = TrainingConfig(learning_rate=1e-3, teacher="base")
+    config = TrainingConfig(learning_rate=1e-3, teacher="base", hindsight_template=APPENDED_HINDSIGHT_TEMPLATE)
     teacher_prompt = render_prompt_ids(tokenizer, hindsight_messages(messages, feedback, config.hindsight_template))
     # The teacher's own answer: what the student should come to find likely.
     target, _, _ = sdk.sample(trainer.sampler(None), teacher_prompt, sdk.sampling_params(24, 0.0))
