@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from claas_ray.adapters import LocalAdapterStore
-from claas_ray.config import LoraConfig, TrainingConfig
+from claas_ray.config import APPENDED_HINDSIGHT_TEMPLATE, LoraConfig, TrainingConfig
 from claas_ray.serving.completion_log import CompletionLog
 from claas_ray.training import ChatMessage, TrainingExample
 
@@ -107,7 +107,12 @@ def test_models_and_adapter_routing(app, trainer):
     for _ in range(3):  # a few strong steps, so the adapter certainly changes greedy output
         text, ids = trainer.generate(state, messages, max_new_tokens=24)
         example = TrainingExample(messages=messages, response_text=text, response_token_ids=ids, feedback="Answer only in French.")
-        result = trainer.step(state, [example], TrainingConfig(learning_rate=2e-3, max_kl_to_base=None))
+        # The SDPO core as it was when this test was written: the guards and the rollout recipe are tested elsewhere,
+        # and the collapse guard rightly refuses such strong French steps.
+        result = trainer.step(state, [example], TrainingConfig(
+            learning_rate=2e-3, max_kl_to_base=None, collapse_check_tokens=None, teacher_rollouts=0, optimizer_steps=1,
+            own_response_tokens=None, feedback_memory=0, hindsight_template=APPENDED_HINDSIGHT_TEMPLATE,
+        ))
         assert result.accepted
         state = result.state
     store.publish("tests/french", state, parent_version=0)
