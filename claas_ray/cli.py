@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start Ray locally if needed and run the app from a serve YAML")
     serve.add_argument("--config", help="serve YAML (default: configs/local.yaml, the embedded CPU model)")
-    serve.add_argument("--address", help="Ray address to join; 'local' starts a new cluster (default: auto)")
+    serve.add_argument("--address", help="Ray address to join ('auto' for this machine's running cluster, or host:port); 'local' starts a new "
+                       "one on 127.0.0.1 (default: join RAY_ADDRESS, else a running local cluster, else start one on 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port, overriding the YAML's http_options.port")
     serve.set_defaults(handler=_serve)
 

@@ -269,6 +269,30 @@ class RouterConfig(StrictModel):
     retry_after_s: int = Field(
         5, ge=1, description="Retry-After of a 429 when no step duration has been measured yet."
     )
+    claas_feedback_timeout_s: float = Field(
+        170.0, gt=0, le=600,
+        description="A CLaaS-shaped feedback body (`requests: [...]`) waits this long for its items' outcome, as CLaaS "
+        "answers after the step (its clients time out at 180 s); then 504 with the feedback ids, which stay queryable.",
+    )
+    request_training: list[Literal["learning_rate", "alpha", "is_clip", "kl_weight"]] = Field(
+        default_factory=list,
+        description="Training settings a feedback item may set for itself (CLaaS's `training`, for sweeping settings with "
+        "its harness); admin keys only, each within REQUEST_TRAINING_BOUNDS. Empty: every item's `training` is ignored.",
+    )
+    reinit: Literal["conflict", "reset"] = Field(
+        "conflict",
+        description="`POST /v1/lora/init` of an existing adapter: `conflict` answers 409; `reset` publishes a new "
+        "zero-effect version (CLaaS's behaviour), the earlier versions kept for rollback.",
+    )
+
+
+REQUEST_TRAINING_BOUNDS: dict[str, tuple[float, float]] = {
+    "learning_rate": (1e-7, 1e-2),
+    "alpha": (0.0, 1.0),
+    "is_clip": (1.0, 20.0),
+    "kl_weight": (0.0, 1.0),
+}
+"""Inclusive bounds of what a feedback item may set when `router.request_training` allows it."""
 
 
 class ApiKey(StrictModel):

@@ -27,7 +27,9 @@ from claas_ray.serving.engine import InferenceEngine
 from deployments.broadcast import AdapterReceiver
 
 
-@serve.deployment(name="inference", max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
+# A dead engine (`check_health` raises once vLLM's core is gone) must take its replica out of routing within
+# seconds: the check is a flag read, so it runs every 2 s.
+@serve.deployment(name="inference", max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=60)
 class InferenceDeployment:
     async def __init__(self, config: dict[str, Any], trainer: DeploymentHandle | None = None):
         self.config = ClaasConfig.model_validate(config)

@@ -46,7 +46,10 @@ def serve_config(
 
     With `block`, keeps serving until Ctrl-C or SIGTERM, then shuts the applications down.
     """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1
+    if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
+        # A cluster of our own on one machine: every Ray socket on 127.0.0.1. Never when joining a cluster
+        # (`--address auto` or host:port): there it would make Ray refuse the other nodes.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # the dashboard API and jobs need a token
     import ray
     from ray import serve

@@ -21,6 +21,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import claas_ray
 from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
 from claas_ray.dashboard.page import render as render_dashboard
@@ -55,7 +56,13 @@ app = FastAPI(
 )
 
 
+UNAVAILABLE_RETRY_AFTER_S = 5
+"""Retry-After of a 503: about how long Serve takes to notice a dead engine and route around its replica."""
+
+
 def error_json(error: ErrorResponse, headers: dict[str, str] | None = None) -> JSONResponse:
+    if error.status_code == 503 and not any(key.lower() == "retry-after" for key in headers or {}):
+        headers = {**(headers or {}), "retry-after": str(UNAVAILABLE_RETRY_AFTER_S)}
     return JSONResponse(error.model_dump(), status_code=error.status_code, headers=headers)
 
 
@@ -105,7 +112,7 @@ def to_http(result: Served | ErrorResponse) -> Response:
     return StreamingResponse(result.body, media_type="text/event-stream", headers=result.headers)
 
 
-PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/v1/health"})  # "/": CLaaS's container health check
 IMPORT_PATH = "/v1/lora/import"
 
 
@@ -234,10 +241,24 @@ class Router:
 
     @app.get("/v1/models/{model:path}")
     async def model(self, who: Caller, model: str) -> Response:
+        target = self.openai.resolve_model(model, who)
+        if isinstance(target, ErrorResponse):
+            return error_json(target)
         for card in self.openai.list_models(who).data:
-            if card.id == model:
+            if card.id == target.model:
                 return JSONResponse(card.model_dump())
         return error_json(ErrorResponse.make(404, f"The model '{model}' does not exist", "model", "model_not_found"))
+
+    @app.get("/")
+    async def root(self) -> Response:
+        """What this server is and where its APIs are: what CLaaS's health check and a curious human get."""
+        return JSONResponse({
+            "name": "claas-ray",
+            "version": claas_ray.__version__,
+            "base_model": self.openai.base_name,
+            "links": {"openai": "/v1", "models": "/v1/models", "feedback": "/v1/feedback", "lora": "/v1/lora",
+                      "health": "/health", "dashboard": "/v1/dashboard", "metrics": "/metrics"},
+        })
 
     @app.get("/health")
     @app.get("/v1/health")

@@ -21,7 +21,7 @@ from ray import serve
 from claas_ray.adapters.state import AdapterState
 from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterVersionMeta, open_store
 from claas_ray.backends import open_backend
-from claas_ray.config import ClaasConfig, LoraConfig
+from claas_ray.config import ClaasConfig, LoraConfig, TrainingConfig
 from claas_ray.feedback.journal import FeedbackEntry, FeedbackJournal
 from deployments.broadcast import AdapterBroadcaster, PollResult
 
@@ -104,6 +104,11 @@ class TrainerDeployment:
         self._states[adapter_id] = (meta.version, state)
         return state, meta.version
 
+    def _training_config(self, batch: list[FeedbackEntry]) -> TrainingConfig:
+        """The server's settings, with those the batch's items asked for (validated and allowed by the router)."""
+        settings = batch[0].example.training_settings  # one set per batch (FeedbackJournal.next_batch)
+        return self.config.training.model_copy(update=settings) if settings else self.config.training
+
     async def _apply(self, batch: list[FeedbackEntry]) -> None:
         adapter_id = batch[0].adapter_id
         ids = [entry.id for entry in batch]
@@ -120,7 +125,7 @@ class TrainerDeployment:
             await self._sleep_inference()
             try:
                 result = await asyncio.to_thread(
-                    self.trainer.step, state, [entry.example for entry in batch], self.config.training
+                    self.trainer.step, state, [entry.example for entry in batch], self._training_config(batch)
                 )
             except ValueError as exc:  # e.g. an example longer than the context
                 self.journal.mark(ids, "rejected", reason=str(exc))
@@ -167,7 +172,7 @@ class TrainerDeployment:
         try:
             async with self._model_lock:
                 meta = await asyncio.to_thread(
-                    self.tinker.step, batch[0].adapter_id, [entry.example for entry in batch], self.config.training, ids
+                    self.tinker.step, batch[0].adapter_id, [entry.example for entry in batch], self._training_config(batch), ids
                 )
         except AdapterNotFoundError:
             self.journal.mark(ids, "rejected", reason=f"adapter {batch[0].adapter_id!r} no longer exists")
@@ -203,10 +208,28 @@ class TrainerDeployment:
             state = await asyncio.to_thread(self.trainer.init_adapter, LoraConfig.model_validate(lora))
         return self.store.create(adapter_id, state)
 
+    async def reset_adapter(self, adapter_id: str, lora: dict[str, Any]) -> AdapterVersionMeta:
+        """Re-init of an existing adapter (`router.reinit: reset`): a new zero-effect version, published and
+        broadcast like a step's, so the history stays and a rollback can undo it."""
+        if self.tinker is not None:
+            raise ValueError("resetting an adapter is not supported on Tinker: delete it and init it again")
+        async with self._model_lock:
+            state = await asyncio.to_thread(self.trainer.init_adapter, LoraConfig.model_validate(lora))
+        parent = self.store.latest_version(adapter_id)
+        meta = self.store.publish(adapter_id, state, parent, version=self.store.next_version(adapter_id),
+                                  note="reset: zero-effect adapter")
+        command = await self.broadcaster.publish(adapter_id, meta.version, state.peft_files())
+        await self.broadcaster.wait_for_acks(command, self.config.trainer.broadcast_timeout_s)
+        self._states[adapter_id] = (meta.version, state)
+        return meta
+
     async def import_adapter(self, adapter_id: str, files: dict[str, bytes]) -> AdapterVersionMeta:
         if self.tinker is not None:
             raise ValueError("adapters trained on Tinker live there: importing weights files is not supported")
         state = AdapterState.from_files(files)
+        unserved = sorted(set(state.lora.target_modules) - set(self.config.lora.target_modules))
+        if unserved:
+            raise ValueError(f"target_modules {unserved}: this server serves LoRA on {self.config.lora.target_modules} only")
         state.base_model = self.config.model.base_model
         state.teacher = {name: tensor.clone() for name, tensor in state.student.items()}
         async with self._model_lock:

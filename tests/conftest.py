@@ -94,6 +94,20 @@ class RayCluster:
             warnings.warn(f"killed {len(leaked)} orphaned vLLM processes after the Ray cluster stopped")
 
 
+def engine_pids(expected: int = 2, timeout: float = 420) -> set[int]:
+    """The vLLM engine-core processes, once each inference replica has started its own (the app's /health
+    answers before its inference replicas have)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {p.pid for p in psutil.process_iter(["cmdline"])
+                 if " ".join(p.info["cmdline"] or []).startswith("VLLM::EngineCore")}
+        if len(found) >= expected or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
 def orphan_engines() -> list:
     import psutil
 
@@ -174,7 +188,6 @@ def app(ray_cluster, tmp_path_factory):
         ROOT / "configs" / "local.yaml", workdir / "serve.yaml", port,
         {
             "serving": {"num_replicas": 2, "replica_num_cpus": 1},
-            "model": {"max_model_len": 4096},  # room for an OpenClaw agent's prompt (test_openclaw.py)
             # The shipped training defaults: the in-suite evaluation asserts that they teach.
             "store": {"root": str(workdir / "adapters")},
             "state_dir": str(workdir / "state"),

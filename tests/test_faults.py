@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import psutil
 import pytest
-from conftest import MAX_PENDING_PER_ADAPTER, VENV_BIN, wait_for
+from conftest import MAX_PENDING_PER_ADAPTER, VENV_BIN, engine_pids, wait_for
 
 from claas_ray.adapters import LocalAdapterStore
 
@@ -137,3 +139,36 @@ def test_whole_app_restart_keeps_adapters_pending_feedback_and_completions(app):
     assert again.status_code == 200 and again.json()["items"][0]["status"] == "applied", again.text
     served = client.chat.completions.create(model="restart/r", messages=PROMPT, max_tokens=8, temperature=0)
     assert served.model_extra["claas"]["adapter_version"] == again.json()["items"][0]["version"]
+
+
+def test_dead_engine_takes_its_replica_out_and_callers_get_503_with_retry_after(app):
+    """vLLM's engine process killed under a live replica: the replica's health check fails at once (every 2 s),
+    Serve replaces it, and meanwhile a request caught by the dead engine is a 503 with Retry-After, never a 500."""
+    engines = engine_pids()
+    assert len(engines) == 2, engines
+    replicas_before = replica_pids("inference")
+    os.kill(min(engines), signal.SIGKILL)
+
+    def ask() -> httpx.Response:
+        body = {"model": "smollm2-135m", "messages": PROMPT, "max_tokens": 4, "temperature": 0}
+        return app.request("POST", "/v1/chat/completions", json=body, timeout=120)
+
+    statuses: list[int] = []
+    deadline = time.monotonic() + 420
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        while time.monotonic() < deadline:
+            for response in pool.map(lambda _: ask(), range(4)):
+                statuses.append(response.status_code)
+                assert response.status_code in (200, 503), response.text
+                if response.status_code == 503:
+                    assert int(response.headers["retry-after"]) >= 1
+                    assert response.json()["error"]["type"] == "service_unavailable_error"
+            now = replica_pids("inference")
+            if len(now) == 2 and set(now) != set(replicas_before):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the replica with the dead engine was not replaced: {replica_pids('inference')}")
+    # The new replica serves: every request answers again.
+    assert all(response.status_code == 200 for response in [ask() for _ in range(4)])
+    print(f"statuses while the engine was dead: {statuses.count(200)} x 200, {statuses.count(503)} x 503")

@@ -15,7 +15,6 @@ import pytest
 from conftest import VENV_BIN
 
 from claas_ray.adapters import LocalAdapterStore
-from claas_ray.config import TrainingConfig
 
 pytestmark = pytest.mark.slow
 
@@ -70,20 +69,6 @@ def test_feedback_by_completion_id_is_served_by_every_replica(app):
     assert texts.pop() != before.choices[0].message.content
 
 
-def test_claas_shaped_feedback_and_status(app):
-    init(app, "loop/bob")
-    body = {"requests": [{"lora_id": "loop/bob", "prompt": "Say hi.", "response": "Hi!!! 😀😀", "feedback": "No emoji.",
-                          "training": {"learning_rate": 1.0}}], "orchestration": {"sleep_before": True}}
-    response = api(app, "POST", "/v1/feedback", json=body)
-    assert response.status_code in (200, 202), response.text
-    payload = response.json()
-    assert payload["lora_id"] == "loop/bob" and payload["batch_size"] == 1
-    (status,) = app.final_statuses([payload["items"][0]["id"]], timeout=420)
-    assert status["status"] == "applied" and status["version"] == 1
-    # A request cannot set hyperparameters: the configured (default) learning rate was used.
-    assert status["metrics"]["learning_rate"] == pytest.approx(TrainingConfig().learning_rate)
-
-
 def trainer_pids() -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if any("ServeReplica:claas-ray:trainer" in part for part in (p.info["cmdline"] or []))]
 
@@ -123,7 +108,10 @@ def test_trainer_killed_mid_step_applies_acknowledged_feedback_exactly_once(app)
 def test_lifecycle_errors_export_import_rollback_delete(app):
     client = app.openai()
     init(app, "loop/erin", rank=8, alpha=16)
-    assert api(app, "POST", "/v1/lora/init", json={"lora_id": "loop/erin"}).status_code == 409
+    # configs/local.yaml re-inits as CLaaS does (router.reinit: reset): a new zero-effect version, history kept.
+    again = api(app, "POST", "/v1/lora/init", json={"lora_id": "loop/erin", "lora_r": 8, "lora_alpha": 16})
+    assert again.status_code == 201 and again.json()["latest_version"] == 1, again.text
+    assert [v["note"] for v in again.json()["versions"]] == ["initial zero-effect adapter", "reset: zero-effect adapter"]
     assert api(app, "POST", "/v1/lora/init", json={"lora_id": "../x"}).status_code == 400
     assert api(app, "POST", "/v1/lora/init", json={"lora_id": "loop/big", "lora_r": 512}).status_code == 400
     assert api(app, "POST", "/v1/lora/init", json={"lora_id": "loop/other", "base_model": "gpt-5"}).status_code == 400
@@ -135,7 +123,7 @@ def test_lifecycle_errors_export_import_rollback_delete(app):
     assert api(app, "GET", "/v1/feedback/fb-nope").status_code == 404
 
     response = api(app, "POST", "/v1/feedback", json={"lora_id": "loop/erin", "messages": PROMPT, "response": "Dogs are great pets. 🐶🐶🐶", "feedback": "No emoji.", "wait": True})
-    assert response.json()["items"][0]["version"] == 1
+    assert response.json()["items"][0]["version"] == 2
     trained, _ = ask(client, "loop/erin")
 
     exported = api(app, "GET", "/v1/lora/loop/erin/export")

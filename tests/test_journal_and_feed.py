@@ -19,8 +19,8 @@ def example(text: str) -> TrainingExample:
 
 def test_batches_follow_the_oldest_adapter_and_keep_order(tmp_path):
     journal = FeedbackJournal(tmp_path / "j.sqlite")
-    journal.append([("a1", "alice", example("1"), None), ("b1", "bob", example("2"), "chatcmpl-x")])
-    journal.append([("a2", "alice", example("3"), None)])
+    journal.append([("a1", "alice", example("1"), None, "text"), ("b1", "bob", example("2"), "chatcmpl-x", "completion_id")])
+    journal.append([("a2", "alice", example("3"), None, "text")])
     batch = journal.next_batch(8)
     assert [e.id for e in batch] == ["a1", "a2"]  # alice waited longest; her items go together, in order
     journal.mark(["a1", "a2"], "training")
@@ -36,15 +36,28 @@ def test_batches_follow_the_oldest_adapter_and_keep_order(tmp_path):
     assert applied.status == "applied" and applied.version == 3 and applied.metrics == {"loss": 0.5}
     assert reopened.get("a2").reason == "too long"
     assert reopened.get("b1").completion_id == "chatcmpl-x" and reopened.get("b1").example.response_text == "2"
+    assert reopened.get("b1").source == "completion_id" and reopened.get("a1").source == "text"
     assert [e.id for e in reopened.with_status("queued")] == ["b1"]
     assert reopened.get("nope") is None
 
 
+def test_a_batch_has_one_set_of_training_settings(tmp_path):
+    journal = FeedbackJournal(tmp_path / "j.sqlite")
+    tuned = example("3").model_copy(update={"training_settings": {"learning_rate": 1e-4}})
+    journal.append([(fid, "alice", ex, None, "text") for fid, ex in (("a", example("1")), ("b", example("2")),
+                                                                        ("c", tuned), ("d", example("4")))])
+    assert [e.id for e in journal.next_batch(8)] == ["a", "b"]  # c asks for other settings: its own step
+    journal.mark(["a", "b"], "applied")
+    assert [e.id for e in journal.next_batch(8)] == ["c"]
+    journal.mark(["c"], "applied")
+    assert [e.id for e in journal.next_batch(8)] == ["d"]
+
+
 def test_duplicate_ids_are_refused_whole(tmp_path):
     journal = FeedbackJournal(tmp_path / "j.sqlite")
-    journal.append([("x", "alice", example("1"), None)])
+    journal.append([("x", "alice", example("1"), None, "text")])
     with pytest.raises(sqlite3.IntegrityError):
-        journal.append([("y", "alice", example("2"), None), ("x", "alice", example("3"), None)])
+        journal.append([("y", "alice", example("2"), None, "text"), ("x", "alice", example("3"), None, "text")])
     assert journal.get("y") is None  # all or none
     assert journal.count_pending("alice") == 1
 
@@ -77,7 +90,7 @@ def test_an_item_that_keeps_killing_the_trainer_is_rejected_not_retried_forever(
     from deployments.trainer import MAX_ATTEMPTS, TrainerDeployment
 
     journal = FeedbackJournal(tmp_path / "feedback.sqlite")
-    journal.append([("fb-poison", "a/x", example("long"), None), ("fb-fine", "a/x", example("ok"), None)])
+    journal.append([("fb-poison", "a/x", example("long"), None, "text"), ("fb-fine", "a/x", example("ok"), None, "text")])
     recover = TrainerDeployment.func_or_class._recover  # the start-up recovery, without Serve around it
     trainer = type("Restarted", (), {"journal": journal, "store": LocalAdapterStore(tmp_path / "adapters")})()
     for attempt in range(1, MAX_ATTEMPTS + 1):

@@ -116,6 +116,7 @@ def test_real_openclaw_gateway_turn_and_feedback_command(app, tmp_path):
     configured = subprocess.run(["bash", str(PLUGIN / "configure-openclaw.sh")], capture_output=True, text=True,
                                 timeout=600, cwd=tmp_path,
                                 env={**env, "CLAAS_URL": app.base_url, "CLAAS_API_KEY": TENANT_KEYS["openclaw"],
+                                     "CLAAS_FEEDBACK_WAIT_SECONDS": "600",  # a step on the agent's context, on CI's CPU
                                      "PATH": f"{OPENCLAW.parent}:{env['PATH']}"})
     assert configured.returncode == 0, (configured.stdout[-2000:], configured.stderr[-3000:])
 
@@ -141,7 +142,7 @@ def test_real_openclaw_gateway_turn_and_feedback_command(app, tmp_path):
         (recorded,) = json.loads((tmp_path / ".openclaw" / "claas-turns.json").read_text())["cli"]
         assert recorded["adapterId"] == adapter and recorded["completionId"].startswith("chatcmpl-")
 
-        reply = gateway.say("agent:main:main", "/feedback Answer only in French.", "feedback-1")
+        reply = gateway.say("agent:main:main", "/feedback Answer only in French.", "feedback-1", timeout=700)
         assert reply == f"Feedback applied: {adapter} is now version 1.", (reply, gateway.tail())
     finally:
         gateway.stop()

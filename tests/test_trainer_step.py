@@ -106,8 +106,8 @@ def test_teacher_rollouts_are_fluent_and_the_ones_the_feedback_explains_best(tra
     config = TrainingConfig(teacher_rollouts=6, rollout_keep=None)
     trainer._prepare(trainer.init_adapter(LoraConfig(), seed=10))
     batch = trainer._tokenize([example], config)
-    every = trainer._teacher_rollouts(batch, config)
-    kept = trainer._teacher_rollouts(batch, config.model_copy(update={"rollout_keep": 2}))
+    every = [rollout.example for rollout in trainer._teacher_rollouts(batch, config)]
+    kept = [rollout.example for rollout in trainer._teacher_rollouts(batch, config.model_copy(update={"rollout_keep": 2}))]
     assert 2 <= len(every) <= 6 and len(kept) == 2
     teacher_messages = hindsight_messages(example.messages, example.feedback, config.hindsight_template)
 
@@ -165,3 +165,22 @@ def test_examples_longer_than_max_step_tokens_are_refused_before_any_work(traine
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=9)
     with pytest.raises(ValueError, match=r"training\.max_step_tokens"):
         trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, max_step_tokens=16))
+
+
+def test_own_response_head_scores_exactly_as_inside_the_whole_response(trainer):
+    """`own_response_tokens` trains on the head of the user's response: every pass sees the same logits for those
+    tokens as it would on the whole response (the rest is cut off, not computed and masked)."""
+    state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=12)
+    trained = trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-2)).state
+    (whole,) = trainer._tokenize([EXAMPLE], TrainingConfig())
+    head = whole.head(4)
+    assert head.response_ids.tolist() == whole.response_ids[:4].tolist()
+    assert head.student_ids.tolist() == whole.student_ids[: whole.student_start + 4].tolist()
+    assert head.teacher_ids.tolist() == whole.teacher_ids[: whole.teacher_start + 4].tolist()
+    assert whole.head(None) is whole and whole.head(10_000) is whole
+    trainer._prepare(trained)
+    for weights, ids, head_ids in (("student", whole.student_ids, head.student_ids), ("base", whole.teacher_ids, head.teacher_ids)):
+        with torch.no_grad(), trainer._weights(weights):
+            full = trainer._response_logits(ids, whole.response_ids.shape[0])
+            cut = trainer._response_logits(head_ids, 4)
+        torch.testing.assert_close(cut, full[:4], rtol=1e-4, atol=1e-4)

@@ -124,6 +124,7 @@ class AdapterStore(ABC):
         feedback_ids: list[str] | None = None,
         metrics: dict[str, float] | None = None,
         version: int | None = None,
+        note: str = "",
     ) -> AdapterVersionMeta:
         """Write the next version and point `latest` at it.
 
@@ -137,6 +138,7 @@ class AdapterStore(ABC):
             base_model=state.base_model,
             feedback_ids=list(feedback_ids or []),
             metrics=dict(metrics or {}),
+            note=note,
         )
         return self._publish(meta, state)
 

@@ -8,6 +8,7 @@ caught in `training` by a crash is recovered as applied if a version already nam
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import threading
@@ -17,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from claas_ray.protocol.claas import FeedbackSource
 from claas_ray.training.example import TrainingExample
 
 Status = Literal["queued", "training", "applied", "rejected"]
@@ -31,6 +33,7 @@ class FeedbackEntry(BaseModel):
     status: Status
     example: TrainingExample
     completion_id: str | None = None
+    source: FeedbackSource | None = None  # None: journals written before sources were recorded
     version: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     reason: str | None = None
@@ -57,27 +60,30 @@ class FeedbackJournal:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(feedback)")}
         if "attempts" not in columns:  # journals written before attempts were counted
             self._db.execute("ALTER TABLE feedback ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        if "source" not in columns:  # ... and before sources were recorded
+            self._db.execute("ALTER TABLE feedback ADD COLUMN source TEXT")
 
     @staticmethod
     def _entry(row: tuple) -> FeedbackEntry:
         return FeedbackEntry(
             id=row[0], adapter_id=row[1], status=row[2], example=TrainingExample.model_validate_json(row[3]),
             completion_id=row[4], version=row[5], metrics=json.loads(row[6]), reason=row[7],
-            created_at=row[8], updated_at=row[9], attempts=row[10],
+            created_at=row[8], updated_at=row[9], attempts=row[10], source=row[11],
         )
 
-    _COLUMNS = "id, adapter_id, status, example, completion_id, version, metrics, reason, created_at, updated_at, attempts"
+    _COLUMNS = ("id, adapter_id, status, example, completion_id, version, metrics, reason, created_at, updated_at, "
+                "attempts, source")
 
-    def append(self, entries: list[tuple[str, str, TrainingExample, str | None]]) -> None:
-        """Record (id, adapter id, example, completion id) items as queued, all or none."""
+    def append(self, entries: list[tuple[str, str, TrainingExample, str | None, FeedbackSource]]) -> None:
+        """Record (id, adapter id, example, completion id, source) items as queued, all or none."""
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    "INSERT INTO feedback (id, adapter_id, status, example, completion_id, created_at, updated_at)"
-                    " VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                    [(fid, aid, ex.model_dump_json(), cid, now, now) for fid, aid, ex, cid in entries],
+                    "INSERT INTO feedback (id, adapter_id, status, example, completion_id, source, created_at, updated_at)"
+                    " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                    [(fid, aid, ex.model_dump_json(), cid, source, now, now) for fid, aid, ex, cid, source in entries],
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -93,7 +99,10 @@ class FeedbackJournal:
         return [entry for entry in (self.get(fid) for fid in feedback_ids) if entry is not None]
 
     def next_batch(self, max_items: int) -> list[FeedbackEntry]:
-        """Queued items of the adapter whose oldest item waits longest, in order (one step's batch)."""
+        """Queued items of the adapter whose oldest item waits longest, in order (one step's batch).
+
+        A step has one set of settings: the batch ends before the first item that asks for other ones.
+        """
         with self._lock:
             first = self._db.execute(
                 "SELECT adapter_id FROM feedback WHERE status = 'queued' ORDER BY seq LIMIT 1"
@@ -104,7 +113,9 @@ class FeedbackJournal:
                 f"SELECT {self._COLUMNS} FROM feedback WHERE status = 'queued' AND adapter_id = ? ORDER BY seq LIMIT ?",
                 (first[0], max_items),
             ).fetchall()
-        return [self._entry(row) for row in rows]
+        entries = [self._entry(row) for row in rows]
+        settings = entries[0].example.training_settings
+        return list(itertools.takewhile(lambda entry: entry.example.training_settings == settings, entries))
 
     def with_status(self, status: Status) -> list[FeedbackEntry]:
         with self._lock:

@@ -7,7 +7,9 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from claas_ray.adapters.store import AdapterVersionMeta
-from claas_ray.protocol.openai import ChatMessageIn
+from claas_ray.protocol.openai import ChatMessageIn, ErrorInfo
+
+FeedbackSource = Literal["completion_id", "completion_log", "text"]
 
 MAX_FEEDBACK_CHARS = 4000
 
@@ -53,6 +55,23 @@ class LoraDeleted(BaseModel):
 
 
 # --- feedback --------------------------------------------------------------------------------
+class TrainingSettingsIn(BaseModel):
+    """CLaaS's `training` object (its names; `kl_weight` is ours for `kl_reg_weight`). Other keys are ignored,
+    as the whole object is unless the operator allows some settings (router.request_training)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    learning_rate: float | None = None
+    alpha: float | None = None
+    is_clip: float | None = None
+    kl_weight: float | None = Field(None, validation_alias=AliasChoices("kl_weight", "kl_reg_weight"))
+    max_grad_norm: float | None = None
+    teacher_top_k: int | None = None
+
+    def given(self) -> dict[str, float]:
+        return {key: value for key, value in self.model_dump().items() if value is not None}
+
+
 class FeedbackItemIn(ClaasRequest):
     """Either a `completion_id` (the server knows the rest), or the conversation and response themselves."""
 
@@ -62,8 +81,9 @@ class FeedbackItemIn(ClaasRequest):
     messages: list[ChatMessageIn] | None = Field(None, min_length=1, max_length=256)
     prompt: str | None = Field(None, min_length=1)
     response: str | None = Field(None, min_length=1)
-    training: dict[str, Any] | None = Field(
-        None, description="Accepted for CLaaS compatibility and ignored: hyperparameters are server config."
+    training: TrainingSettingsIn | None = Field(
+        None, description="CLaaS's per-request settings: ignored unless the operator allows some for admin keys "
+        "(router.request_training); then those are used for this item's step, the rest ignored.",
     )
 
     @model_validator(mode="after")
@@ -87,6 +107,10 @@ class FeedbackRequest(ClaasRequest):
     items: list[FeedbackItemIn] = Field(min_length=1, max_length=64)
     wait: bool = Field(False, description="Block until every item is applied or rejected.")
     wait_timeout_s: float = Field(120.0, gt=0, le=600)
+    shape: Literal["native", "claas"] = Field(
+        "native", description="Set from the body: `claas` for CLaaS's `requests: [...]`, answered as CLaaS does "
+        "(after the step, in its response shape).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -97,6 +121,7 @@ class FeedbackRequest(ClaasRequest):
         if "requests" in data and "items" not in data:  # CLaaS
             data["items"] = data.pop("requests")
             data.pop("orchestration", None)  # CLaaS's sleep/wake hints: placement is server config here
+            data["shape"] = "claas"
         elif "items" not in data:
             envelope = {key: data.pop(key) for key in ("wait", "wait_timeout_s") if key in data}
             data = {"items": [data], **envelope}
@@ -111,8 +136,35 @@ class FeedbackStatus(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     reason: str | None = None
     completion_id: str | None = None
+    source: FeedbackSource | None = Field(
+        None, description="What the step trains on: `completion_id` (named), `completion_log` (text matched to a "
+        "served completion: its recorded tokens, system prompt and sampling log-probs), or `text` (no match: the "
+        "text re-tokenised, importance ratio 1).",
+    )
     created_at: float
     updated_at: float
+
+
+class DistillResult(BaseModel):
+    """CLaaS's `distill_result`: its metric names, then ours."""
+
+    lora_id: str
+    metadata: dict[str, float]
+
+
+class TimingMs(BaseModel):
+    """CLaaS's `timing_ms`; sleep, wake and save happen inside our trainer's step, so they are in `distill`."""
+
+    sleep: int = 0
+    distill: int = 0
+    save: int = 0
+    wake: int = 0
+    logprobs: int = 0
+    total: int = 0
+
+
+def _none(value: Any) -> bool:
+    return value is None
 
 
 class FeedbackResponse(BaseModel):
@@ -122,3 +174,9 @@ class FeedbackResponse(BaseModel):
     lora_id: str
     batch_size: int
     request_id: str
+    # CLaaS's synchronous answer (a `requests: [...]` body), and the 504 when the wait ran out.
+    distill_result: DistillResult | None = Field(None, exclude_if=_none)
+    timing_ms: TimingMs | None = Field(None, exclude_if=_none)
+    vllm: dict[str, bool] | None = Field(None, exclude_if=_none)
+    feedback_log_path: str | None = Field(None, exclude_if=_none)
+    error: ErrorInfo | None = Field(None, exclude_if=_none)

@@ -14,31 +14,36 @@ import logging
 import math
 import time
 import zipfile
+from dataclasses import dataclass
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from claas_ray.adapters.ids import AdapterIdError, validate_adapter_id
+from claas_ray.adapters.names import AmbiguousAdapterName, resolve_in_store
 from claas_ray.adapters.state import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_FILES
 from claas_ray.adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterStore
 from claas_ray.chat import ChatMessage
-from claas_ray.config import ClaasConfig
+from claas_ray.config import REQUEST_TRAINING_BOUNDS, ClaasConfig
 from claas_ray.feedback.journal import FINAL, FeedbackEntry, FeedbackJournal
 from claas_ray.protocol.claas import (
+    DistillResult,
     FeedbackItemIn,
     FeedbackRequest,
     FeedbackResponse,
+    FeedbackSource,
     FeedbackStatus,
     LoraDeleted,
     LoraDetail,
     LoraInitRequest,
     LoraList,
     LoraSummary,
+    TimingMs,
 )
 from claas_ray.protocol.openai import ErrorResponse, new_id
 from claas_ray.serving.auth import Principal
-from claas_ray.serving.completion_log import CompletionLog
+from claas_ray.serving.completion_log import CompletionLog, CompletionRecord
 from claas_ray.serving.token_counter import TokenCounter, utf8_bytes
 from claas_ray.training.example import TrainingExample
 
@@ -47,10 +52,33 @@ logger = logging.getLogger(__name__)
 MAX_IMPORT_FILE_BYTES = 2 * 2**30
 
 
+CLAAS_METRIC_NAMES = {
+    "loss": "total_loss",
+    "divergence": "distill_loss",
+    "kl_to_base": "kl_reg",
+    "is_ratio_mean": "mean_is_ratio",
+    "is_clipped_fraction": "clip_fraction",
+    "grad_norm": "grad_norm",
+    "tokens": "tokens_processed",
+}
+"""Our step metrics under the names CLaaS's clients read from `distill_result.metadata`."""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A feedback item ready for the journal: its adapter, what the step trains on, and where that came from."""
+
+    lora_id: str
+    example: TrainingExample
+    completion_id: str | None
+    source: FeedbackSource
+
+
 def feedback_status(entry: FeedbackEntry) -> FeedbackStatus:
     return FeedbackStatus(
         id=entry.id, lora_id=entry.adapter_id, status=entry.status, version=entry.version, metrics=entry.metrics,
-        reason=entry.reason, completion_id=entry.completion_id, created_at=entry.created_at, updated_at=entry.updated_at,
+        reason=entry.reason, completion_id=entry.completion_id, source=entry.source, created_at=entry.created_at,
+        updated_at=entry.updated_at,
     )
 
 
@@ -119,11 +147,19 @@ class ClaasServing:
             raise _bad(403, who.refusal(), param, "permission_denied")
         return lora_id
 
+    def _resolve(self, name: str, who: Principal, param: str) -> str | None:
+        """The id of an adapter the caller may use, named by its id or by a CLaaS name (adapters/names.py)."""
+        try:
+            return resolve_in_store(name, self.store, who.may_use, who.namespace())
+        except AmbiguousAdapterName as exc:
+            raise _bad(400, str(exc), param, "ambiguous_lora_id") from exc
+
     def _existing(self, lora_id: str, who: Principal, param: str = "lora_id") -> str:
+        resolved = self._resolve(lora_id, who, param)
+        if resolved is not None:
+            return resolved
         self._owned(lora_id, who, param)
-        if not self.store.exists(lora_id):
-            raise _bad(404, f"LoRA adapter '{lora_id}' does not exist", param, "lora_not_found")
-        return lora_id
+        raise _bad(404, f"LoRA adapter '{lora_id}' does not exist", param, "lora_not_found")
 
     def _detail(self, lora_id: str) -> LoraDetail:
         return LoraDetail(
@@ -142,12 +178,17 @@ class ClaasServing:
                 if value is not None
             }
         )
+        unserved = sorted(set(lora.target_modules) - set(self.config.lora.target_modules))
+        if unserved:
+            raise _bad(400, f"target_modules {unserved}: this server serves LoRA on {self.config.lora.target_modules} only "
+                       "(lora.target_modules)", "target_modules")
         if lora.rank > self.config.serving.max_lora_rank:
             raise _bad(400, f"rank {lora.rank} exceeds the server's max_lora_rank {self.config.serving.max_lora_rank}", "rank")
-        if self.store.exists(request.lora_id):
+        exists = self.store.exists(request.lora_id)
+        if exists and self.config.router.reinit == "conflict":
             raise _bad(409, f"LoRA adapter '{request.lora_id}' already exists", "lora_id", "lora_exists")
         try:
-            await self._trainer_call("init_adapter", request.lora_id, lora.model_dump())
+            await self._trainer_call("reset_adapter" if exists else "init_adapter", request.lora_id, lora.model_dump())
         except AdapterExistsError as exc:
             raise _bad(409, remote_message(exc), "lora_id", "lora_exists") from exc
         except ValueError as exc:  # e.g. target modules this model does not have
@@ -170,7 +211,7 @@ class ClaasServing:
         return self._detail(self._existing(lora_id, who))
 
     async def delete_lora(self, lora_id: str, who: Principal) -> LoraDeleted:
-        self._owned(lora_id, who)
+        lora_id = self._owned(self._resolve(lora_id, who, "lora_id") or lora_id, who)  # idempotent: a miss is no error
         deleted = self.store.delete(lora_id)
         if deleted:
             await self._trainer_call("forget_adapter", lora_id)
@@ -211,11 +252,12 @@ class ClaasServing:
         return self._detail(lora_id)
 
     # --- feedback ---------------------------------------------------------------------------
-    def _example(self, item: FeedbackItemIn, index: int, who: Principal) -> tuple[str, TrainingExample]:
+    def _example(self, item: FeedbackItemIn, index: int, who: Principal) -> _Prepared:
         param = f"items.{index}"
         limit = self.config.router.max_feedback_tokens
         if self.count_tokens(item.feedback) > limit:
             raise _bad(400, f"feedback is longer than {limit} tokens", f"{param}.feedback", "feedback_too_long")
+        settings = self._training_settings(item, who, param)
         if item.completion_id is not None:
             record = self.completions.get(item.completion_id)
             if record is not None and not (who.admin or record.tenant == who.tenant):
@@ -225,24 +267,14 @@ class ClaasServing:
                            f"{param}.completion_id", "completion_not_found")
             if record.messages is None:
                 raise _bad(400, "feedback by completion id needs a chat completion", f"{param}.completion_id")
-            lora_id = item.lora_id or record.adapter_id
+            named = None if item.lora_id is None else self._existing(item.lora_id, who, f"{param}.lora_id")
+            lora_id = named or record.adapter_id
             if lora_id is None:
                 raise _bad(400, "that completion was served by the base model: name the lora_id to train", f"{param}.lora_id")
-            if item.lora_id is not None and record.adapter_id is not None and item.lora_id != record.adapter_id:
+            if named is not None and record.adapter_id is not None and named != record.adapter_id:
                 raise _bad(400, f"that completion was served by '{record.adapter_id}', not '{item.lora_id}'", f"{param}.lora_id")
             self._existing(lora_id, who, f"{param}.lora_id")
-            size = len(record.prompt_token_ids) + len(record.response_token_ids) + self.count_tokens(item.feedback)
-            step_limit = self.config.training.max_step_tokens
-            if step_limit is not None and size > step_limit:
-                raise _bad(400, f"that conversation and the feedback are about {size} tokens; a step takes at most "
-                           f"{step_limit} (training.max_step_tokens)", f"{param}.completion_id", "too_long_to_train")
-            return lora_id, TrainingExample(
-                messages=record.messages,
-                response_text=record.response_text,
-                response_token_ids=record.response_token_ids or None,
-                response_logprobs=record.response_logprobs or None,
-                feedback=item.feedback,
-            )
+            return self._from_record(lora_id, record, item, settings, "completion_id", f"{param}.completion_id")
         lora_id = self._existing(item.lora_id or "", who, f"{param}.lora_id")
         if item.messages is not None and len(item.messages) > self.config.router.max_messages:
             raise _bad(400, f"at most {self.config.router.max_messages} messages are allowed", f"{param}.messages")
@@ -252,13 +284,70 @@ class ClaasServing:
             messages = [ChatMessage(role="user", content=item.prompt or "")]
         if not any(m.role == "user" for m in messages):
             raise _bad(400, "messages must contain a user turn", f"{param}.messages")
-        return lora_id, TrainingExample(messages=messages, response_text=item.response or "", feedback=item.feedback)
+        record = self._served(lora_id, item, who)
+        if record is not None:
+            return self._from_record(lora_id, record, item, settings, "completion_log", f"{param}.response")
+        example = TrainingExample(messages=messages, response_text=item.response or "", feedback=item.feedback,
+                                  training_settings=settings)
+        return _Prepared(lora_id, example, None, "text")
 
-    def _admit(self, prepared: list[tuple[str, TrainingExample]]) -> None:
+    def _served(self, lora_id: str, item: FeedbackItemIn, who: Principal) -> CompletionRecord | None:
+        """The completion this text feedback is about, if this server answered it: same adapter, same answer
+        text, and the same messages (or last user turn, for CLaaS's `prompt`) where the item gives them."""
+        for record in self.completions.find(lora_id, item.response or ""):
+            if record.messages is None or not (who.admin or record.tenant == who.tenant):
+                continue
+            if item.messages is not None and record.messages != [m.to_chat_message() for m in item.messages]:
+                continue
+            if item.prompt is not None:
+                last_user = next((m.content for m in reversed(record.messages) if m.role == "user"), None)
+                if last_user is None or last_user.strip() != item.prompt.strip():
+                    continue
+            return record
+        return None
+
+    def _from_record(self, lora_id: str, record: CompletionRecord, item: FeedbackItemIn, settings: dict[str, float],
+                     source: FeedbackSource, param: str) -> _Prepared:
+        """Train on what was served: the recorded tokens, the whole conversation, the sampling log-probs."""
+        size = len(record.prompt_token_ids) + len(record.response_token_ids) + self.count_tokens(item.feedback)
+        step_limit = self.config.training.max_step_tokens
+        if step_limit is not None and size > step_limit:
+            raise _bad(400, f"that conversation and the feedback are about {size} tokens; a step takes at most "
+                       f"{step_limit} (training.max_step_tokens)", param, "too_long_to_train")
+        example = TrainingExample(
+            messages=record.messages,
+            response_text=record.response_text,
+            response_token_ids=record.response_token_ids or None,
+            response_logprobs=record.response_logprobs or None,
+            feedback=item.feedback,
+            training_settings=settings,
+        )
+        return _Prepared(lora_id, example, record.completion_id, source)
+
+    def _training_settings(self, item: FeedbackItemIn, who: Principal, param: str) -> dict[str, float]:
+        """What of the item's `training` this step uses: the operator-allowed settings, for admin keys, in bounds.
+
+        Anything else is ignored as before (CLaaS's clients always send the whole object), never refused, so
+        an unchanged CLaaS client keeps working; a value out of bounds for an allowed setting is a 400.
+        """
+        allowed = self.config.router.request_training
+        if item.training is None or not allowed or not who.admin:
+            return {}
+        settings = {}
+        for key, value in item.training.given().items():
+            if key not in allowed:
+                continue
+            low, high = REQUEST_TRAINING_BOUNDS[key]
+            if not low <= value <= high:
+                raise _bad(400, f"training.{key} must be within [{low:g}, {high:g}]", f"{param}.training.{key}")
+            settings[key] = float(value)
+        return settings
+
+    def _admit(self, prepared: list[_Prepared]) -> None:
         """Backpressure: a full per-adapter queue is a 429 with a Retry-After from measured step times."""
         limit = self.config.trainer.max_pending_per_adapter
-        for lora_id in sorted({lora_id for lora_id, _ in prepared}):
-            adding = sum(1 for other, _ in prepared if other == lora_id)
+        for lora_id in sorted({item.lora_id for item in prepared}):
+            adding = sum(1 for item in prepared if item.lora_id == lora_id)
             pending = self.journal.count_pending(lora_id)
             if pending + adding <= limit:
                 continue
@@ -275,19 +364,24 @@ class ClaasServing:
             )
 
     async def submit_feedback(self, request: FeedbackRequest, who: Principal) -> tuple[FeedbackResponse, int]:
+        """Journal the items (acknowledged = durable), then answer: at once (202), or once they are final when
+        the caller waits. A CLaaS-shaped body always waits, as CLaaS answers after its step."""
+        started = time.monotonic()
         prepared = [self._example(item, index, who) for index, item in enumerate(request.items)]
         self._admit(prepared)
         ids = [new_id("fb") for _ in prepared]
-        self.journal.append(
-            [(fid, lora_id, example, item.completion_id) for fid, (lora_id, example), item in zip(ids, prepared, request.items)]
-        )
+        self.journal.append([(fid, p.lora_id, p.example, p.completion_id, p.source) for fid, p in zip(ids, prepared)])
         try:  # a nudge only: the trainer drains the journal on its own, also after a restart
             await asyncio.wait_for(self.trainer.notify.remote(), timeout=5)
         except Exception as exc:
             logger.warning("trainer not reachable for a nudge (%s); feedback stays queued", type(exc).__name__)
+        claas = request.shape == "claas"
+        timeout_s = request.wait_timeout_s  # CLaaS's body has no such field: ours, when given, beside its own
+        if claas and "wait_timeout_s" not in request.model_fields_set:
+            timeout_s = self.config.router.claas_feedback_timeout_s
         entries = self.journal.get_many(ids)
-        if request.wait:
-            deadline = time.monotonic() + request.wait_timeout_s
+        if request.wait or claas:
+            deadline = started + timeout_s
             while time.monotonic() < deadline and not all(e.status in FINAL for e in entries):
                 await asyncio.sleep(0.1)
                 entries = self.journal.get_many(ids)
@@ -297,7 +391,33 @@ class ClaasServing:
         response = FeedbackResponse(
             items=statuses, status=overall, lora_id=statuses[0].lora_id, batch_size=len(statuses), request_id=ids[0]
         )
-        return response, 200 if final else 202
+        if not claas:
+            return response, 200 if final else 202
+        if not final:
+            response.error = ErrorResponse.make(
+                504, f"feedback {ids} not applied within {timeout_s:g}s; it stays queued: GET /v1/feedback/<id>",
+                code="feedback_timeout",
+            ).error
+            return response, 504
+        return self._claas_answer(response, entries, started), 200
+
+    def _claas_answer(self, response: FeedbackResponse, entries: list[FeedbackEntry], started: float) -> FeedbackResponse:
+        """CLaaS's synchronous answer: `status` ok or error, `distill_result` with its metric names, `timing_ms`."""
+        applied = [entry for entry in entries if entry.status == "applied"]
+        response.status = "ok" if len(applied) == len(entries) else "error"
+        if applied:
+            names = sorted({name for entry in applied for name in entry.metrics})
+            ours = {name: sum(e.metrics.get(name, 0.0) for e in applied) / len(applied) for name in names}
+            theirs = {claas: ours[name] for name, claas in CLAAS_METRIC_NAMES.items() if name in ours}
+            response.distill_result = DistillResult(
+                lora_id=response.lora_id, metadata={**theirs, "batch_size": float(len(entries)), **ours}
+            )
+        train_s = max((entry.metrics.get("train_s", 0.0) for entry in applied), default=0.0)
+        response.timing_ms = TimingMs(distill=round(1000 * train_s), total=round(1000 * (time.monotonic() - started)))
+        sleeps = self.config.trainer.colocation == "sleep"
+        response.vllm = {"slept": sleeps and bool(applied), "woke": sleeps and bool(applied)}
+        response.feedback_log_path = f"/v1/feedback/{response.request_id}"
+        return response
 
     def feedback_status(self, feedback_id: str, who: Principal) -> FeedbackStatus:
         entry = self.journal.get(feedback_id)

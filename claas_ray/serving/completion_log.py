@@ -7,6 +7,7 @@ and the importance ratio has its denominator.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -33,6 +34,11 @@ class CompletionRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
 
+def response_key(adapter_id: str | None, response_text: str) -> str:
+    """What text feedback is matched by: the adapter and the answer's text, as CLaaS's clients send it back."""
+    return hashlib.sha256(f"{adapter_id or ''}\0{response_text.strip()}".encode()).hexdigest()
+
+
 class CompletionLog:
     """A bounded, persistent map completion id -> CompletionRecord."""
 
@@ -46,12 +52,16 @@ class CompletionLog:
             "CREATE TABLE IF NOT EXISTS completions (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "completion_id TEXT UNIQUE NOT NULL, record TEXT NOT NULL)"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
+        if "response_key" not in columns:  # logs written before text feedback was matched to its completion
+            self._db.execute("ALTER TABLE completions ADD COLUMN response_key TEXT")
+        self._db.execute("CREATE INDEX IF NOT EXISTS completions_response ON completions (response_key, seq)")
 
     def add(self, record: CompletionRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO completions (completion_id, record) VALUES (?, ?)",
-                (record.completion_id, record.model_dump_json()),
+                "INSERT OR REPLACE INTO completions (completion_id, record, response_key) VALUES (?, ?, ?)",
+                (record.completion_id, record.model_dump_json(), response_key(record.adapter_id, record.response_text)),
             )
             self._db.execute(
                 "DELETE FROM completions WHERE seq <= (SELECT MAX(seq) FROM completions) - ?", (self.max_records,)
@@ -61,6 +71,15 @@ class CompletionLog:
         with self._lock:
             row = self._db.execute("SELECT record FROM completions WHERE completion_id = ?", (completion_id,)).fetchone()
         return None if row is None else CompletionRecord.model_validate(json.loads(row[0]))
+
+    def find(self, adapter_id: str, response_text: str, limit: int = 20) -> list[CompletionRecord]:
+        """The newest completions an adapter answered with exactly this text (surrounding whitespace aside)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT record FROM completions WHERE response_key = ? ORDER BY seq DESC LIMIT ?",
+                (response_key(adapter_id, response_text), limit),
+            ).fetchall()
+        return [CompletionRecord.model_validate(json.loads(row[0])) for row in rows]
 
     def __len__(self) -> int:
         with self._lock:

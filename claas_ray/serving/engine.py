@@ -44,6 +44,10 @@ def engine_args(config: ClaasConfig):
         max_loras=serving.max_loras,
         max_cpu_loras=serving.max_cpu_loras,
         max_lora_rank=serving.max_lora_rank,
+        # Only the projections adapters train get LoRA layers. Left open, vLLM also wraps lm_head, and its CPU
+        # path then applies the head's LoRA with one index per request to every prompt position when prompt
+        # log-probs are asked for: two /v1/score requests in one batch killed the engine (einsum size mismatch).
+        lora_target_modules=list(config.lora.target_modules),
         max_model_len=config.model.max_model_len,
         gpu_memory_utilization=serving.gpu_memory_utilization,
         enforce_eager=serving.enforce_eager,

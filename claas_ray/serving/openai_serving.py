@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from claas_ray.adapters.ids import AdapterIdError, validate_adapter_id
+from claas_ray.adapters.names import AmbiguousAdapterName, resolve_in_store
 from claas_ray.adapters.store import AdapterStore
 from claas_ray.config import ClaasConfig
 from claas_ray.protocol.generation import (
@@ -104,14 +105,18 @@ class OpenAIServing:
         if model == self.base_name:
             return _Target(model, None, None)
         try:
+            adapter_id = resolve_in_store(model, self.store, who.may_use, who.namespace())
+        except AmbiguousAdapterName as exc:
+            return ErrorResponse.make(400, str(exc), "model", "ambiguous_model")
+        if adapter_id is not None:
+            return _Target(adapter_id, adapter_id, self.store.latest_version(adapter_id))
+        try:
             validate_adapter_id(model)
         except AdapterIdError as exc:
             return ErrorResponse.make(404, f"The model '{model}' does not exist ({exc})", "model", "model_not_found")
         if not who.may_use(model):
             return ErrorResponse.make(403, who.refusal(), "model", "permission_denied")
-        if not self.store.exists(model):
-            return ErrorResponse.make(404, f"The model '{model}' does not exist", "model", "model_not_found")
-        return _Target(model, model, self.store.latest_version(model))
+        return ErrorResponse.make(404, f"The model '{model}' does not exist", "model", "model_not_found")
 
     def list_models(self, who: Principal) -> ModelList:
         cards = [ModelCard(id=self.base_name)]
@@ -303,16 +308,20 @@ class OpenAIServing:
             return target
         if self._score is None:
             return ErrorResponse.make(501, "scoring is not available on this server")
-        result = await self._score(
-            ScoreRequest(
-                request_id=new_id("score"),
-                messages=None if request.messages is None else [m.to_chat_message() for m in request.messages],
-                prompt=request.prompt,
-                completion=request.completion,
-                adapter_id=target.adapter_id,
-                adapter_version=target.adapter_version,
+        try:
+            result = await self._score(
+                ScoreRequest(
+                    request_id=new_id("score"),
+                    messages=None if request.messages is None else [m.to_chat_message() for m in request.messages],
+                    prompt=request.prompt,
+                    completion=request.completion,
+                    adapter_id=target.adapter_id,
+                    adapter_version=target.adapter_version,
+                )
             )
-        )
+        except Exception as exc:  # a dead replica or engine: not the client's fault
+            logger.exception("scoring failed")
+            return ErrorResponse.make(503, f"inference is unavailable: {type(exc).__name__}")
         if isinstance(result, GenerationError):
             return ErrorResponse.make(result.status_code, result.message, result.param)
         return ScoreResponse(

@@ -25,6 +25,9 @@ class TrainingExample(BaseModel):
     response_logprobs: list[float] | None = None
     feedback: str = Field(min_length=1)
     feedback_id: str | None = None
+    training_settings: dict[str, float] = Field(
+        default_factory=dict, description="Settings this item's step uses instead of the server's (operator-allowed)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingExample:
@@ -60,6 +63,22 @@ class TokenizedExample:
     @property
     def teacher_start(self) -> int:
         return self.teacher_ids.shape[0] - self.response_ids.shape[0]
+
+    def head(self, tokens: int | None) -> TokenizedExample:
+        """The example with only its first `tokens` response tokens (all of them when None).
+
+        A causal model scores a prefix exactly as it scores it inside the whole response, so training on the
+        head is the same loss as masking the rest, without paying every pass for tokens that count for nothing.
+        """
+        if tokens is None or tokens >= self.response_ids.shape[0]:
+            return self
+        cut = self.response_ids.shape[0] - tokens
+        return TokenizedExample(
+            student_ids=self.student_ids[:-cut],
+            teacher_ids=self.teacher_ids[:-cut],
+            response_ids=self.response_ids[:tokens],
+            sampling_logprobs=None if self.sampling_logprobs is None else self.sampling_logprobs[:tokens],
+        )
 
 
 class ExampleTooLongError(ValueError):

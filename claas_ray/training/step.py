@@ -32,8 +32,18 @@ from claas_ray.training.sdpo_loss import TeacherTopK, sdpo_loss, teacher_topk
 from claas_ray.training.teacher import ema_update, hindsight_messages, learn_feedback, remembered_feedback
 
 STUDENT = "student"
+COLLAPSE_CHECK_PROMPT_TOKENS = 512  # longer prompts are checked by their last user turn alone
 TEACHER = "teacher"
 Weights = Literal["student", "teacher", "base"]
+
+
+@dataclass(frozen=True)
+class _Rollout:
+    """A teacher rollout with what sampling and scoring it already computed."""
+
+    example: TokenizedExample
+    target: TeacherTopK  # from the sampling logits: the distribution the rollout was drawn from (at temperature 1)
+    base_logprobs: torch.Tensor | None  # [T, V] when the teacher is the base model: its scoring pass was the base pass
 
 
 @dataclass
@@ -252,17 +262,24 @@ class SDPOTrainer:
         if not examples:
             raise ValueError("a step needs at least one example")
         torch.manual_seed(config.seed)
-        batch = self._tokenize(examples, config, state.learned_feedback)
+        tokenized = self._tokenize(examples, config, state.learned_feedback)
+        own = [item.head(config.own_response_tokens) for item in tokenized]
         self._prepare(state)
-        rollout_count, rollout_seconds = 0, 0.0
+        rollouts: list[_Rollout] = []
+        rollout_seconds = 0.0
         if config.teacher_rollouts:
             rollout_started = time.perf_counter()
-            rollouts = self._teacher_rollouts(batch, config)
-            rollout_count, rollout_seconds = len(rollouts), time.perf_counter() - rollout_started
-            batch = batch + rollouts
-        targets = self._teacher_targets(batch, config)
+            rollouts = self._teacher_rollouts(own, config)
+            rollout_seconds = time.perf_counter() - rollout_started
+        batch = own + [rollout.example for rollout in rollouts]
+        targets = self._teacher_targets(own, config) + [rollout.target for rollout in rollouts]
         need_base = config.kl_weight > 0 or config.max_kl_to_base is not None
-        base_dists = self._base_distributions(batch) if need_base else [None] * len(batch)
+        base_dists: list[torch.Tensor | None] = [None] * len(batch)
+        if need_base:
+            unscored = iter(self._base_distributions([r.example for r in rollouts if r.base_logprobs is None]))
+            base_dists = self._base_distributions(own) + [
+                next(unscored) if rollout.base_logprobs is None else rollout.base_logprobs for rollout in rollouts
+            ]
         base_logprobs = [  # the base's log-probs of the chosen tokens, for the k3 leash
             None if dist is None or config.kl_weight == 0
             else dist.gather(-1, item.response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
@@ -271,16 +288,11 @@ class SDPOTrainer:
 
         params = self._slot_params(STUDENT)
         optimizer = _make_optimizer(params, state.optimizer, config)
-        own = len(batch) - rollout_count
-        masks = [
-            _prefix_mask(item.response_ids.shape[0], config.own_response_tokens if index < own else None, self.device)
-            for index, item in enumerate(batch)
-        ]
-        total_tokens = int(sum(float(mask.sum()) for mask in masks))
+        total_tokens = sum(item.response_ids.shape[0] for item in batch)
         metrics: dict[str, float] = {}
         for update in range(config.optimizer_steps):
             optimizer.zero_grad(set_to_none=True)
-            sums = self._backward(batch, targets, base_logprobs, masks, config, total_tokens)
+            sums = self._backward(batch, targets, base_logprobs, config, total_tokens)
             if update == 0:  # the batch as it was scored before any update
                 metrics = {
                     "loss": sums["loss"] / total_tokens,
@@ -289,9 +301,9 @@ class SDPOTrainer:
                     "is_ratio_mean": sums["ratio"] / total_tokens,
                     "is_clipped_fraction": sums["clipped"] / total_tokens,
                     "tokens": float(total_tokens),
-                    "examples": float(own),
-                    "response_tokens": float(sum(item.response_ids.shape[0] for item in batch[:own])),
-                    "teacher_rollouts": float(rollout_count),
+                    "examples": float(len(own)),
+                    "response_tokens": float(sum(item.response_ids.shape[0] for item in tokenized)),
+                    "teacher_rollouts": float(len(rollouts)),
                     "rollout_seconds": rollout_seconds,
                     "learning_rate": config.learning_rate,
                 }
@@ -314,7 +326,7 @@ class SDPOTrainer:
 
         if config.collapse_check_tokens is not None:
             check_started = time.perf_counter()
-            degenerate = self._degenerate_answers(batch[: len(batch) - rollout_count], config)
+            degenerate = self._degenerate_answers(examples, config)
             metrics["collapse_check_seconds"] = time.perf_counter() - check_started
             if degenerate:
                 return self._reject(
@@ -341,7 +353,6 @@ class SDPOTrainer:
         batch: list[TokenizedExample],
         targets: list[TeacherTopK],
         base_logprobs: list[torch.Tensor | None],
-        masks: list[torch.Tensor],
         config: TrainingConfig,
         total_tokens: int,
     ) -> dict[str, float]:
@@ -352,7 +363,7 @@ class SDPOTrainer:
             if dropout:
                 self._peft.train()
             try:
-                for item, target, chosen_base, mask in zip(batch, targets, base_logprobs, masks):
+                for item, target, chosen_base in zip(batch, targets, base_logprobs):
                     out = sdpo_loss(
                         self._response_logits(item.student_ids, item.response_ids.shape[0]),
                         item.response_ids.to(self.device),
@@ -362,7 +373,6 @@ class SDPOTrainer:
                         kl_weight=config.kl_weight,
                         base_logprobs=chosen_base,
                         sampling_logprobs=None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device),
-                        mask=mask,
                     )
                     (out.loss_sum / total_tokens).backward()
                     sums["loss"] += float(out.loss_sum.detach())
@@ -381,7 +391,7 @@ class SDPOTrainer:
         return StepResult(accepted=False, state=state, metrics=metrics, reason=reason)
 
     @torch.no_grad()
-    def _teacher_rollouts(self, batch: list[TokenizedExample], config: TrainingConfig) -> list[TokenizedExample]:
+    def _teacher_rollouts(self, batch: list[TokenizedExample], config: TrainingConfig) -> list[_Rollout]:
         """Responses the teacher samples in its own context, aligned to the student's prompt.
 
         Trained on with the same loss as the student's response (no importance ratio: they are the teacher's
@@ -389,6 +399,10 @@ class SDPOTrainer:
         collapse and are dropped. Of the rest, the ones the feedback explains best are kept (`rollout_keep` in a
         step): the highest mean log-prob gain of the response from seeing the feedback (the same weights with
         and without it), which needs no verifier and knows nothing of what the feedback asks.
+
+        Nothing is computed twice: every item's rollouts are sampled in one batch, the sampling logits are the
+        teacher's targets, and with the base model as teacher the pass that scores a rollout without the
+        feedback is also its base pass (for the leash and the KL guard).
         """
         weights = self._teacher_weights(config)
         # The budget is per step, shared by the batch's items: a batch of many items costs no more to sample.
@@ -396,44 +410,57 @@ class SDPOTrainer:
         per_item = config.teacher_rollouts // len(items)
         keep = None if config.rollout_keep is None else max(1, config.rollout_keep // len(items))
         budget = config.rollout_token_budget
-        kept: list[TokenizedExample] = []
+        plan: list[tuple[TokenizedExample, int]] = []
         for item in items:
-            student_prompt, teacher_prompt = item.student_ids[: item.student_start], item.teacher_ids[: item.teacher_start]
-            count = min(per_item, budget // (teacher_prompt.shape[0] + config.rollout_max_tokens))
-            if count == 0:
-                continue
-            budget -= count * (teacher_prompt.shape[0] + config.rollout_max_tokens)
-            with self._weights(weights):
-                samples = self._sample_scored(
-                    [teacher_prompt.tolist()] * count, config.rollout_max_tokens, config.rollout_temperature, config.seed,
-                )
-            scored: list[tuple[float, TokenizedExample]] = []
-            for row, teacher_logprobs in samples:
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
-                if not text.strip() or is_degenerate(text):
-                    continue
-                response = torch.tensor(row, dtype=torch.long)
-                rollout = TokenizedExample(
-                    student_ids=torch.cat([student_prompt, response]),
-                    teacher_ids=torch.cat([teacher_prompt, response]),
-                    response_ids=response,
-                    sampling_logprobs=None,
-                )
-                with self._weights(weights):
-                    without_feedback = self._chosen_logprobs(rollout.student_ids, response).cpu()
-                scored.append((float((teacher_logprobs - without_feedback).mean()), rollout))
-            scored.sort(key=lambda pair: pair[0], reverse=True)
-            kept.extend(rollout for _, rollout in scored[: keep or len(scored)])
+            cost = item.teacher_start + config.rollout_max_tokens
+            count = min(per_item, budget // cost)
+            if count:
+                plan.append((item, count))
+                budget -= count * cost
+        if not plan:
+            return []
+        prompts = [item.teacher_ids[: item.teacher_start].tolist() for item, count in plan for _ in range(count)]
+        kept: list[_Rollout] = []
+        with self._weights(weights):
+            samples = iter(self._sample_scored(prompts, config.rollout_max_tokens, config.rollout_temperature, config.seed))
+            for item, count in plan:
+                scored: list[tuple[float, _Rollout]] = []
+                for row, logits in (next(samples) for _ in range(count)):
+                    text = self.tokenizer.decode(row, skip_special_tokens=True)
+                    if not text.strip() or is_degenerate(text):
+                        continue
+                    response = torch.tensor(row, dtype=torch.long)
+                    example = TokenizedExample(
+                        student_ids=torch.cat([item.student_ids[: item.student_start], response]),
+                        teacher_ids=torch.cat([item.teacher_ids[: item.teacher_start], response]),
+                        response_ids=response,
+                        sampling_logprobs=None,
+                    )
+                    chosen = response.to(self.device).unsqueeze(-1)
+                    with_feedback = torch.log_softmax(logits, -1).gather(-1, chosen).squeeze(-1)
+                    without = torch.log_softmax(self._response_logits(example.student_ids, len(row)), -1)
+                    gain = float((with_feedback - without.gather(-1, chosen).squeeze(-1)).mean())
+                    rollout = _Rollout(example, teacher_topk(logits, config.top_k), without if weights == "base" else None)
+                    scored.append((gain, rollout))
+                scored.sort(key=lambda pair: pair[0], reverse=True)
+                kept.extend(rollout for _, rollout in scored[: keep or len(scored)])
         return kept
 
     @torch.no_grad()
-    def _degenerate_answers(self, batch: list[TokenizedExample], config: TrainingConfig) -> list[str]:
+    def _degenerate_answers(self, examples: Sequence[TrainingExample], config: TrainingConfig) -> list[str]:
         """The student's greedy answers to the batch's prompts and the guard's own, if at least half are degenerate.
 
         Greedy decoding is what exposes collapse (a loop the sampler would sometimes escape), and a few dozen
-        tokens are enough to see it: this costs one short batched generation, not full answers.
+        tokens are enough to see it: this costs one short batched generation, not full answers. A long
+        conversation (an agent's) is asked by its last user turn alone, so the check's cost does not grow with it.
         """
-        prompts = {tuple(item.student_ids[: item.student_start].tolist()): None for item in batch}
+        prompts: dict[tuple[int, ...], None] = {}
+        for example in examples:
+            ids = render_prompt_ids(self.tokenizer, example.messages)
+            if len(ids) > COLLAPSE_CHECK_PROMPT_TOKENS:
+                last = next(message for message in reversed(example.messages) if message.role == "user")
+                ids = render_prompt_ids(self.tokenizer, [ChatMessage(role="user", content=last.content[-1500:])])
+            prompts[tuple(ids)] = None
         for text in config.collapse_check_prompts:
             prompts[tuple(render_prompt_ids(self.tokenizer, [ChatMessage(role="user", content=text)]))] = None
         with self._weights(STUDENT):
@@ -519,17 +546,17 @@ class SDPOTrainer:
     @torch.no_grad()
     def _sample(self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
         """Token ids sampled after each prompt with the weights already selected, cut after the first EOS."""
-        return [row for row, _ in self._generate(prompts, max_new_tokens, temperature, seed, with_logprobs=False)]
+        return [row for row, _ in self._generate(prompts, max_new_tokens, temperature, seed, with_logits=False)]
 
     @torch.no_grad()
     def _sample_scored(
         self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float, seed: int
     ) -> list[tuple[list[int], torch.Tensor]]:
-        """As `_sample`, with each sampled token's log-prob under the sampling weights (before temperature)."""
-        return self._generate(prompts, max_new_tokens, temperature, seed, with_logprobs=True)
+        """As `_sample`, with the sampling weights' logits [len(row), V] at each sampled position (before temperature)."""
+        return self._generate(prompts, max_new_tokens, temperature, seed, with_logits=True)
 
     def _generate(
-        self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float, seed: int, with_logprobs: bool
+        self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float, seed: int, with_logits: bool
     ) -> list[tuple[list[int], torch.Tensor | None]]:
         width = max(len(prompt) for prompt in prompts)
         eos = self.tokenizer.eos_token_id
@@ -548,27 +575,16 @@ class SDPOTrainer:
             pad_token_id=pad,
             eos_token_id=eos,
             return_dict_in_generate=True,
-            output_logits=with_logprobs,
+            output_logits=with_logits,
         )
         sampled = output.sequences[:, width:]
-        chosen = None
-        if with_logprobs:
-            logprobs = torch.log_softmax(torch.stack(output.logits, dim=1).float(), -1)  # [B, new, V]
-            chosen = logprobs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1).cpu()
+        logits = torch.stack(output.logits, dim=1).float() if with_logits else None  # [B, new, V]
         results = []
         for index, row in enumerate(sampled.tolist()):
             if eos in row:
                 row = row[: row.index(eos) + 1]
-            results.append((row, None if chosen is None else chosen[index, : len(row)]))
+            results.append((row, None if logits is None else logits[index, : len(row)]))
         return results
-
-
-def _prefix_mask(length: int, keep: int | None, device: torch.device) -> torch.Tensor:
-    """1 for the first `keep` of `length` positions (all of them when keep is None), 0 after."""
-    mask = torch.ones(length, device=device)
-    if keep is not None:
-        mask[keep:] = 0.0
-    return mask
 
 
 def _check_layout(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:

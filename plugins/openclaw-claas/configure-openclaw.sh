@@ -9,10 +9,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 : "${CLAAS_URL:?the claas-ray base URL, e.g. http://127.0.0.1:8000}"
 : "${CLAAS_API_KEY:?a claas-ray key of the tenant that owns openclaw/...}"
 model=${CLAAS_MODEL:-smollm2-135m}           # the base model's served name
-context=${CLAAS_CONTEXT_WINDOW:-4096}        # the server's model.max_model_len
+context=${CLAAS_CONTEXT_WINDOW:-4096}        # at most the server's model.max_model_len; 4096 keeps a turn trainable (training.max_step_tokens)
 # Answers are capped: OpenClaw sends no limit of its own, and an answer is also what one SDPO step trains on.
 # The provider-level cap applies to the per-user adapter ids too (they are not in the models list).
 max_tokens=${CLAAS_MAX_TOKENS:-64}
+# How long `/feedback` waits for the step's outcome: a step on an agent's long context takes minutes on a CPU.
+wait_seconds=${CLAAS_FEEDBACK_WAIT_SECONDS:-300}
 
 openclaw plugins install --link --force --accept-capabilities "$here" >/dev/null
 # One validated write (objects merge, arrays replace).
@@ -33,7 +35,8 @@ openclaw config patch --stdin >/dev/null <<JSON
     bootstrapMaxChars: 400, bootstrapTotalMaxChars: 1200,
   }},
   plugins: {entries: {claas: {
-    config: {apiUrl: "$CLAAS_URL", apiKey: "$CLAAS_API_KEY", adapterId: "openclaw/{user}", batchSize: 1},
+    config: {apiUrl: "$CLAAS_URL", apiKey: "$CLAAS_API_KEY", adapterId: "openclaw/{user}", batchSize: 1,
+             waitSeconds: $wait_seconds},
     hooks: {allowConversationAccess: true},   // agent_end and model routing see the turn
   }}},
   tools: {profile: "minimal", toolSearch: false},   // no tool schemas beyond the minimum
