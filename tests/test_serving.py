@@ -189,7 +189,7 @@ def test_unknown_route_is_openai_shaped_404(app):
 
 
 def test_prompt_longer_than_context_is_400(app):
-    long = [{"role": "user", "content": "word " * 5000}]
+    long = [{"role": "user", "content": "word " * 9000}]  # past configs/local.yaml's 8,192 tokens
     response = app.request("POST", "/v1/chat/completions", json={"model": BASE, "messages": long}, timeout=60)
     assert response.status_code == 400 and "context length" in response.json()["error"]["message"]
 

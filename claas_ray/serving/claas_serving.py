@@ -268,12 +268,11 @@ class ClaasServing:
             if record.messages is None:
                 raise _bad(400, "feedback by completion id needs a chat completion", f"{param}.completion_id")
             named = None if item.lora_id is None else self._existing(item.lora_id, who, f"{param}.lora_id")
-            lora_id = named or record.adapter_id
-            if lora_id is None:
+            if named is None and record.adapter_id is None:
                 raise _bad(400, "that completion was served by the base model: name the lora_id to train", f"{param}.lora_id")
             if named is not None and record.adapter_id is not None and named != record.adapter_id:
                 raise _bad(400, f"that completion was served by '{record.adapter_id}', not '{item.lora_id}'", f"{param}.lora_id")
-            self._existing(lora_id, who, f"{param}.lora_id")
+            lora_id = named or self._existing(record.adapter_id, who, f"{param}.lora_id")
             return self._from_record(lora_id, record, item, settings, "completion_id", f"{param}.completion_id")
         lora_id = self._existing(item.lora_id or "", who, f"{param}.lora_id")
         if item.messages is not None and len(item.messages) > self.config.router.max_messages:
