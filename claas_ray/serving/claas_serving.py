@@ -283,20 +283,21 @@ class ClaasServing:
             messages = [ChatMessage(role="user", content=item.prompt or "")]
         if not any(m.role == "user" for m in messages):
             raise _bad(400, "messages must contain a user turn", f"{param}.messages")
-        record = self._served(lora_id, item, who)
+        record = self._served(lora_id, item, None if item.messages is None else messages, who)
         if record is not None:
             return self._from_record(lora_id, record, item, settings, "completion_log", f"{param}.response")
         example = TrainingExample(messages=messages, response_text=item.response or "", feedback=item.feedback,
                                   training_settings=settings)
         return _Prepared(lora_id, example, None, "text")
 
-    def _served(self, lora_id: str, item: FeedbackItemIn, who: Principal) -> CompletionRecord | None:
+    def _served(self, lora_id: str, item: FeedbackItemIn, messages: list[ChatMessage] | None,
+                who: Principal) -> CompletionRecord | None:
         """The completion this text feedback is about, if this server answered it: same adapter, same answer
         text, and the same messages (or last user turn, for CLaaS's `prompt`) where the item gives them."""
         for record in self.completions.find(lora_id, item.response or ""):
             if record.messages is None or not (who.admin or record.tenant == who.tenant):
                 continue
-            if item.messages is not None and record.messages != [m.to_chat_message() for m in item.messages]:
+            if messages is not None and record.messages != messages:
                 continue
             if item.prompt is not None:
                 last_user = next((m.content for m in reversed(record.messages) if m.role == "user"), None)
