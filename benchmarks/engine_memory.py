@@ -49,7 +49,7 @@ def _measure(overrides: dict, folder: str, queue) -> None:
 
     import psutil
 
-    from claas_ray.serving.engine import engine_args
+    from claas_ray.serving.vllm_engine import engine_args
 
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     config = config_with(overrides)

@@ -74,7 +74,7 @@ async def bare_engine_phase(config, max_tokens: int, loads: list[tuple[int, int]
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from claas_ray.chat import ChatMessage, render_prompt_ids
-    from claas_ray.serving.engine import engine_args
+    from claas_ray.serving.vllm_engine import engine_args
 
     llm = AsyncLLM.from_engine_args(engine_args(config))
     tokenizer = llm.get_tokenizer()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 ENV_PREFIX = "CLAAS_RAY__"
 """Environment overrides: `CLAAS_RAY__TRAINING__LEARNING_RATE=1e-4` sets `training.learning_rate`."""
@@ -154,29 +154,51 @@ class ModelConfig(StrictModel):
     max_model_len: int = Field(1024, ge=64, description="Longest prompt + response in tokens.")
 
 
-class StoreConfig(StrictModel):
-    """Where adapters live."""
+class LocalStoreConfig(StrictModel):
+    """Adapters as folders on this machine (or a shared file system)."""
 
-    kind: Literal["local", "s3", "tinker"] = Field(
-        "local", description="Adapter store backend; `tinker`: Tinker checkpoint paths in <root>/tinker_adapters.json."
-    )
-    root: str = Field(
-        "~/.cache/claas-ray/adapters",
-        description="Root folder of the local adapter store, or the local cache of an S3 store (~ is expanded).",
-    )
-    bucket: str | None = Field(None, description="S3 bucket (kind: s3). Credentials come from boto3's usual sources.")
-    prefix: str = Field("claas-ray/adapters", description="Key prefix inside the bucket (kind: s3).")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. MinIO (kind: s3); None for AWS.")
-    region: str | None = Field(None, description="S3 region (kind: s3).")
-
-    @model_validator(mode="after")
-    def _s3_needs_a_bucket(self) -> StoreConfig:
-        if self.kind == "s3" and not self.bucket:
-            raise ValueError("store.bucket is required when store.kind is 's3'")
-        return self
+    kind: Literal["local"] = "local"
+    root: str = Field("~/.cache/claas-ray/adapters", description="Root folder of the adapter store (~ is expanded).")
 
     def root_path(self) -> Path:
         return Path(os.path.expanduser(self.root))
+
+
+class S3StoreConfig(StrictModel):
+    """Adapters in an S3 bucket (or an S3-compatible server), with a local cache for loaders that need paths."""
+
+    kind: Literal["s3"]
+    bucket: str = Field(min_length=1, description="The bucket. Credentials come from boto3's usual sources.")
+    prefix: str = Field("claas-ray/adapters", description="Key prefix inside the bucket.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. MinIO; None for AWS.")
+    region: str | None = Field(None, description="S3 region.")
+    root: str = Field("~/.cache/claas-ray/adapters", description="Local cache of downloaded versions (~ is expanded).")
+
+    def root_path(self) -> Path:
+        return Path(os.path.expanduser(self.root))
+
+
+class TinkerStoreConfig(StrictModel):
+    """Adapter versions as Tinker checkpoint paths, in `<root>/tinker_adapters.json`; the weights stay on Tinker."""
+
+    kind: Literal["tinker"]
+    root: str = Field("~/.cache/claas-ray/tinker", description="Folder of the JSON file (~ is expanded).")
+
+    def root_path(self) -> Path:
+        return Path(os.path.expanduser(self.root))
+
+
+def _store_kind(value: Any) -> str:
+    """`store.kind`, `local` when left out (configs written before the kinds had their own sections)."""
+    return value.get("kind", "local") if isinstance(value, dict) else getattr(value, "kind", "local")
+
+
+StoreConfig = Annotated[
+    Annotated[LocalStoreConfig, Tag("local")] | Annotated[S3StoreConfig, Tag("s3")] | Annotated[TinkerStoreConfig, Tag("tinker")],
+    Discriminator(_store_kind, custom_error_type="store_kind",
+                  custom_error_message="store.kind must be one of local, s3, tinker"),
+]
+"""Where adapters live: one section per `kind`, each with only the settings that kind reads."""
 
 
 class ServingConfig(StrictModel):
@@ -225,8 +247,10 @@ class TinkerConfig(StrictModel):
 
     base_model: str | None = Field(None, description="Tinker's name of the base model; default: model.base_model.")
     kl_coef: float = Field(1.0, gt=0, description="Per-token advantage = kl_coef * (teacher - student log-prob).")
-    service: Literal["tinker", "standin"] = Field(
-        "tinker", description="`standin`: the local stand-in for Tinker's service (tests, offline demos), not Tinker."
+    service_factory: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`module:callable` that takes this config and returns an object with the interface of Tinker's "
+        "ServiceClient, used instead of Tinker's own client (how tests inject a stand-in); None: Tinker itself.",
     )
 
 
@@ -286,6 +310,14 @@ class RouterConfig(StrictModel):
     )
 
 
+TINKER_IGNORES = (
+    "alpha", "top_k", "is_clip", "kl_weight", "ema_rate", "max_kl_to_base", "feedback_memory", "teacher_rollouts",
+    "own_response_tokens", "optimizer_steps", "rollout_keep", "rollout_token_budget", "rollout_temperature",
+    "rollout_max_tokens", "collapse_check_tokens", "collapse_check_prompts", "seed",
+)
+"""Training settings of the local SDPO step that Tinker's step (`claas_ray/backends/tinker/trainer.py`) has no
+counterpart for: on `trainer.backend: tinker` a value other than the default is refused."""
+
 REQUEST_TRAINING_BOUNDS: dict[str, tuple[float, float]] = {
     "learning_rate": (1e-7, 1e-2),
     "alpha": (0.0, 1.0),
@@ -332,7 +364,7 @@ class ClaasConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
+    store: StoreConfig = Field(default_factory=LocalStoreConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
@@ -363,6 +395,26 @@ class ClaasConfig(StrictModel):
         on = [key for key, value in uses.items() if value == "tinker"]
         if on and len(on) != len(uses):
             raise ValueError(f"{', '.join(on)} is tinker: set all of {', '.join(uses)} to tinker")
+        return self
+
+    @model_validator(mode="after")
+    def _backend_honours_the_settings(self) -> ClaasConfig:
+        """A setting the chosen backend would ignore is refused here, never silently changed at run time."""
+        if self.trainer.colocation == "sleep" and self.trainer.backend != "local":
+            raise ValueError(f"trainer.colocation=sleep: steps run on {self.trainer.backend}, not on this machine's GPU; "
+                             "use trainer.colocation: none")
+        if self.trainer.backend != "tinker":
+            return self
+        if self.training.teacher == "ema":
+            raise ValueError("training.teacher=ema: Tinker keeps no EMA copy of an adapter; use base or current")
+        defaults = TrainingConfig()
+        ignored = [name for name in TINKER_IGNORES if getattr(self.training, name) != getattr(defaults, name)]
+        if ignored:
+            raise ValueError(f"training.{', training.'.join(ignored)}: the Tinker backend computes its own SDPO signal "
+                             "and does not use these; leave them unset")
+        per_request = sorted(set(self.router.request_training) - {"learning_rate"})
+        if per_request:
+            raise ValueError(f"router.request_training {per_request}: the Tinker backend honours only learning_rate")
         return self
 
     def tinker_base_model(self) -> str:
@@ -420,8 +472,3 @@ def load_config(
         problems = describe_errors(exc, "<root>")
         raise ConfigError(f"invalid claas-ray config: {problems}") from exc
 
-
-def load_config_file(path: str | Path, environ: dict[str, str] | None = None) -> ClaasConfig:
-    """Load a plain claas-ray YAML (the tree above, not a serve config)."""
-    with open(path) as handle:
-        return load_config(yaml.safe_load(handle) or {}, environ)

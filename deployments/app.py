@@ -27,8 +27,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # Pull the local model once here, not concurrently in every replica; on Tinker there is none.
     if config.serving.engine == "vllm":
         resolve_model_path(config.model.base_model)
-    elif config.tinker.service == "standin":
-        resolve_model_path(config.tinker_base_model())
     plain = config.model_dump(mode="json")
     options = {"inference": inference_options(config), "trainer": trainer_options(config)}
     logger.info("claas-ray deployment options: %s", options)

@@ -1,10 +1,11 @@
 """The LoRA broadcast: new adapter versions go from the trainer to every inference replica.
 
-Send side (`AdapterBroadcaster`, in the trainer): a new version's PEFT files are put into the Ray object
-store once (`ray.put`), and a `ReplicaCommand` naming the object goes on a small ordered feed. Receive
-side (`AdapterReceiver`, in each inference replica): a long-poll loop reads the feed, fetches the object
-(never the disk), writes it to tmpfs, loads it into vLLM (`add_lora`), and acknowledges. The trainer
-calls a version applied once every live replica acknowledged it.
+Send side (`AdapterBroadcaster`, in the trainer; `BroadcastReplicas` is the trainer loop's view of it): a
+new version's PEFT files are put into the Ray object store once (`ray.put`), and a `ReplicaCommand` naming
+the object goes on a small ordered feed. Receive side (`AdapterReceiver`, in each inference replica): a
+long-poll loop reads the feed, fetches the object (never the disk), hands it to the replica's `Engine`
+(`load_version`), and acknowledges. The trainer calls a version applied once every live replica
+acknowledged it.
 
 Replicas are addressed by what they report, not by Serve internals: a replica is live while it polls.
 The same feed carries `sleep`/`wake` for GPU colocation, where vLLM must release memory while the
@@ -15,13 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import ray
+
+from claas_ray.backends.step_backend import PublishedVersion
+from claas_ray.config import TrainerConfig
+from claas_ray.serving.engine import Engine
+from claas_ray.training.worker import Delivery
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +84,9 @@ class AdapterBroadcaster:
 
     async def publish(self, adapter_id: str, version: int, files: dict[str, bytes]) -> ReplicaCommand:
         """Put a version's files in the object store once and announce it."""
+        files_ref = await asyncio.to_thread(ray.put, files)  # a copy of megabytes: not on the event loop
         self._seq += 1
-        command = ReplicaCommand(self._seq, "load", adapter_id, version, ray.put(files))
+        command = ReplicaCommand(self._seq, "load", adapter_id, version, files_ref)
         self._loads[adapter_id] = command
         return await self._issue(command)
 
@@ -158,15 +164,42 @@ class AdapterBroadcaster:
         return self._load_s.get(command.seq, 0.0)
 
 
-class AdapterReceiver:
-    """Replica side: follow the trainer's feed and apply each command to the local engine."""
+class BroadcastReplicas:
+    """The trainer loop's `Replicas`: versions, sleep and wake go out on the feed and are waited for."""
 
-    def __init__(self, replica: str, trainer, engine, keep_versions: int = 2):
+    def __init__(self, broadcaster: AdapterBroadcaster, settings: TrainerConfig, followers: int):
+        self.broadcaster = broadcaster
+        self.settings = settings
+        self.followers = followers  # replicas expected to follow the feed (0 when they read the store)
+
+    async def ready(self) -> None:
+        await self.broadcaster.wait_for_replicas(self.followers, timeout_s=2 * self.settings.poll_timeout_s + 5)
+
+    async def pause(self) -> None:
+        command = await self.broadcaster.control("sleep", self.settings.sleep_level)
+        await self.broadcaster.wait_for_acks(command, self.settings.sleep_timeout_s)
+
+    async def resume(self) -> None:
+        command = await self.broadcaster.control("wake")
+        await self.broadcaster.wait_for_acks(command, self.settings.sleep_timeout_s)
+
+    async def deliver(self, version: PublishedVersion) -> Delivery:
+        meta = version.meta
+        command = await self.broadcaster.publish(meta.adapter_id, meta.version, version.files or {})
+        acked, live = await self.broadcaster.wait_for_acks(command, self.settings.broadcast_timeout_s)
+        return Delivery(acked, live, self.broadcaster.load_seconds(command))
+
+    def forget(self, adapter_id: str) -> None:
+        self.broadcaster.forget(adapter_id)
+
+
+class AdapterReceiver:
+    """Replica side: follow the trainer's feed and apply each command to the replica's engine."""
+
+    def __init__(self, replica: str, trainer, engine: Engine):
         self.replica = replica
         self.trainer = trainer  # DeploymentHandle of the trainer
-        self.engine = engine  # InferenceEngine
-        self.root = engine.scratch  # removed with the replica, even a killed one (orphan_reaper)
-        self.keep_versions = keep_versions
+        self.engine = engine
         self.generation: str | None = None
         self.cursor = 0
         self.loaded: dict[str, int] = {}
@@ -196,9 +229,9 @@ class AdapterReceiver:
             if command.kind == "load":
                 await self.load(command.adapter_id, command.version, command.files)
             elif command.kind == "sleep":
-                await self.engine.llm.sleep(level=command.sleep_level)
+                await self.engine.sleep(command.sleep_level)
             else:
-                await self.engine.llm.wake_up()
+                await self.engine.wake()
         except Exception:
             # Not acknowledged: the trainer will count this replica as lagging, and requests for the
             # version still work through the store (read on demand).
@@ -210,20 +243,5 @@ class AdapterReceiver:
         if self.loaded.get(adapter_id, -1) >= version:
             return
         files: dict[str, bytes] = await files_ref
-        folder = self.root / adapter_id / str(version)
-        staging = folder.with_name(f".{version}-{uuid.uuid4().hex}")
-        staging.mkdir(parents=True)
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
-        staging.rename(folder) if not folder.exists() else shutil.rmtree(staging)
-        self.engine.loras.register_path(adapter_id, version, folder)
-        await self.engine.llm.add_lora(self.engine.loras.request_for(adapter_id, version))
+        await self.engine.load_version(adapter_id, version, files)
         self.loaded[adapter_id] = version
-        self._prune(adapter_id, version)
-
-    def _prune(self, adapter_id: str, newest: int) -> None:
-        """Keep the newest few versions on tmpfs; older ones are still in the store if ever asked for."""
-        for entry in (self.root / adapter_id).iterdir():
-            if entry.name.isdigit() and int(entry.name) <= newest - self.keep_versions:
-                self.engine.loras.forget(adapter_id, int(entry.name))
-                shutil.rmtree(entry, ignore_errors=True)

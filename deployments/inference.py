@@ -14,7 +14,6 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
 from claas_ray.protocol.generation import (
     GenerationDelta,
@@ -23,8 +22,21 @@ from claas_ray.protocol.generation import (
     ScoreRequest,
     ScoreResult,
 )
-from claas_ray.serving.engine import InferenceEngine
+from claas_ray.serving.engine import Engine
+from claas_ray.stores import open_store
 from deployments.broadcast import AdapterReceiver
+
+
+def open_engine(config: ClaasConfig, replica: str) -> Engine:
+    """The engine `serving.engine` names."""
+    store = open_store(config.store)
+    if config.serving.engine == "tinker":
+        from claas_ray.serving.tinker_engine import TinkerEngine  # needs the `tinker` extra
+
+        return TinkerEngine(config, store, replica=replica)
+    from claas_ray.serving.vllm_engine import VllmEngine
+
+    return VllmEngine(config, store, replica=replica)
 
 
 # A dead engine (`check_health` raises once vLLM's core is gone) must take its replica out of routing within
@@ -35,17 +47,12 @@ class InferenceDeployment:
         self.config = ClaasConfig.model_validate(config)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id if context is not None else "local"
+        # Built on the event loop (vLLM's async client binds to it); nothing is served before it exists.
+        self.engine: Engine = open_engine(self.config, self.replica)
         self._feed = None
-        if self.config.serving.engine == "tinker":
-            from claas_ray.serving.tinker_engine import TinkerEngine  # needs the `tinker` extra
-
-            # Versions are Tinker sampler paths read from the store on demand: nothing to follow.
-            self.engine = TinkerEngine(self.config, open_store(self.config.store), replica=self.replica)
-            return
-        self.engine = InferenceEngine(self.config, open_store(self.config.store), replica=self.replica)
-        if trainer is not None:
-            receiver = AdapterReceiver(self.replica, trainer, self.engine)
-            self._feed = asyncio.create_task(receiver.run())
+        # On Tinker, versions are sampler paths read from the store on demand: nothing to follow.
+        if trainer is not None and self.config.serving.engine != "tinker":
+            self._feed = asyncio.create_task(AdapterReceiver(self.replica, trainer, self.engine).run())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
         async for item in self.engine.generate(request):

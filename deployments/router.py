@@ -7,8 +7,10 @@ never reaches a route. Errors leave in OpenAI's shape.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import claas_ray
-from claas_ray.adapters.store import open_store
 from claas_ray.config import ClaasConfig
 from claas_ray.dashboard.page import render as render_dashboard
 from claas_ray.feedback.journal import FeedbackJournal
@@ -30,11 +31,13 @@ from claas_ray.protocol.claas import FeedbackRequest, LoraInitRequest, LoraRollb
 from claas_ray.protocol.generation import GenerationRequest, ScoreRequest
 from claas_ray.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse, ScoreRequestIn
 from claas_ray.serving.auth import ApiKeys, Principal
-from claas_ray.serving.claas_serving import ClaasServing, Rejected
+from claas_ray.serving.claas_serving import ClaasServing
 from claas_ray.serving.completion_log import CompletionLog
+from claas_ray.serving.errors import ApiError
 from claas_ray.serving.metrics import ServingMetrics
 from claas_ray.serving.openai_serving import OpenAIServing, Served
 from claas_ray.serving.token_counter import load_token_counter
+from claas_ray.stores import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def reject_unknown_query(request: Request) -> None:
     known = {param.alias for param in route.dependant.query_params} if route is not None else set()
     unknown = sorted(set(request.query_params) - known)
     if unknown:
-        raise Rejected(ErrorResponse.make(400, f"Unrecognized query parameter: {unknown[0]!r}", unknown[0]))
+        raise ApiError(400, f"Unrecognized query parameter: {unknown[0]!r}", unknown[0])
 
 
 app = FastAPI(
@@ -92,8 +95,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_json(ErrorResponse.make(exc.status_code, str(exc.detail)))
 
 
-@app.exception_handler(Rejected)
-async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_json(exc.error, exc.headers)
 
 
@@ -102,11 +105,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_json(ErrorResponse.make(500, f"internal error: {type(exc).__name__}"))
 
 
-def to_http(result: Served | ErrorResponse) -> Response:
-    if isinstance(result, ErrorResponse):
-        return error_json(result)
-    if isinstance(result.body, ErrorResponse):
-        return error_json(result.body, result.headers)
+def to_http(result: Served) -> Response:
     if hasattr(result.body, "model_dump"):
         return JSONResponse(result.body.model_dump(exclude_none=True), headers=result.headers)
     return StreamingResponse(result.body, media_type="text/event-stream", headers=result.headers)
@@ -178,7 +177,7 @@ Caller = Annotated[Principal, Depends(caller)]
 
 def require_admin(principal: Principal) -> None:
     if not principal.admin:
-        raise Rejected(ErrorResponse.make(403, "this endpoint needs an admin key", code="permission_denied"))
+        raise ApiError(403, "this endpoint needs an admin key", code="permission_denied")
 
 
 @serve.deployment(name="router", max_ongoing_requests=256)
@@ -213,41 +212,40 @@ class Router:
     async def _score_remote(self, request: ScoreRequest):
         return await self._inference.score.remote(request)
 
-    async def _timed(self, endpoint: str, model: str, result: Served | ErrorResponse, started: float) -> Response:
-        status = result.status_code if isinstance(result, ErrorResponse) else 200
-        self.metrics.observe(endpoint, model, status, time.perf_counter() - started)
-        return to_http(result)
+    async def _timed(self, endpoint: str, model: str, answer: Awaitable[Served]) -> Response:
+        """The answer, with its status and latency in the metrics (errors included)."""
+        started = time.perf_counter()
+        status = 200
+        try:
+            return to_http(await answer)
+        except ApiError as exc:
+            status = exc.status_code
+            raise
+        finally:
+            self.metrics.observe(endpoint, model, status, time.perf_counter() - started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, who: Caller, request: ChatCompletionRequest) -> Response:
-        started = time.perf_counter()
-        return await self._timed("chat", request.model, await self.openai.chat(request, who), started)
+        return await self._timed("chat", request.model, self.openai.chat(request, who))
 
     @app.post("/v1/completions")
     async def completions(self, who: Caller, request: CompletionRequest) -> Response:
-        started = time.perf_counter()
-        return await self._timed("completions", request.model, await self.openai.completion(request, who), started)
+        return await self._timed("completions", request.model, self.openai.completion(request, who))
 
     @app.post("/v1/score")
     async def score(self, who: Caller, request: ScoreRequestIn) -> Response:
-        started = time.perf_counter()
-        result = await self.openai.score(request, who)
-        served = result if isinstance(result, ErrorResponse) else Served(result)
-        return await self._timed("score", request.model, served, started)
+        async def scored() -> Served:
+            return Served(await self.openai.score(request, who))
+
+        return await self._timed("score", request.model, scored())
 
     @app.get("/v1/models")
     async def models(self, who: Caller) -> Response:
-        return JSONResponse(self.openai.list_models(who).model_dump())
+        return JSONResponse((await self.openai.list_models(who)).model_dump())
 
     @app.get("/v1/models/{model:path}")
     async def model(self, who: Caller, model: str) -> Response:
-        target = self.openai.resolve_model(model, who)
-        if isinstance(target, ErrorResponse):
-            return error_json(target)
-        for card in self.openai.list_models(who).data:
-            if card.id == target.model:
-                return JSONResponse(card.model_dump())
-        return error_json(ErrorResponse.make(404, f"The model '{model}' does not exist", "model", "model_not_found"))
+        return JSONResponse((await self.openai.model_card(model, who)).model_dump())
 
     @app.get("/")
     async def root(self) -> Response:
@@ -277,7 +275,7 @@ class Router:
 
     @app.get("/v1/lora")
     async def lora_list(self, who: Caller, prefix: str = "") -> Response:
-        return JSONResponse(self.claas.list_loras(prefix, who).model_dump())
+        return JSONResponse((await self.claas.list_loras(prefix, who)).model_dump())
 
     @app.delete("/v1/lora")
     async def lora_delete_by_query(self, who: Caller, lora_id: str) -> Response:
@@ -285,7 +283,7 @@ class Router:
 
     @app.get("/v1/lora/export")
     async def lora_export_by_query(self, who: Caller, lora_id: str, version: int | None = None) -> Response:
-        return self._zip(lora_id, version, who)
+        return await self._zip(lora_id, version, who)
 
     @app.post(IMPORT_PATH)
     async def lora_import(self, who: Caller, request: Request, lora_id: str) -> Response:
@@ -294,22 +292,22 @@ class Router:
 
     @app.get("/v1/lora/{lora_id:path}/export")
     async def lora_export(self, who: Caller, lora_id: str, version: int | None = None) -> Response:
-        return self._zip(lora_id, version, who)
+        return await self._zip(lora_id, version, who)
 
     @app.post("/v1/lora/{lora_id:path}/rollback")
     async def lora_rollback(self, who: Caller, lora_id: str, request: LoraRollbackRequest) -> Response:
-        return JSONResponse(self.claas.rollback(lora_id, request.version, who).model_dump())
+        return JSONResponse((await self.claas.rollback(lora_id, request.version, who)).model_dump())
 
     @app.get("/v1/lora/{lora_id:path}")
     async def lora_get(self, who: Caller, lora_id: str) -> Response:
-        return JSONResponse(self.claas.get_lora(lora_id, who).model_dump())
+        return JSONResponse((await self.claas.get_lora(lora_id, who)).model_dump())
 
     @app.delete("/v1/lora/{lora_id:path}")
     async def lora_delete(self, who: Caller, lora_id: str) -> Response:
         return JSONResponse((await self.claas.delete_lora(lora_id, who)).model_dump())
 
-    def _zip(self, lora_id: str, version: int | None, who: Principal) -> Response:
-        data = self.claas.export_zip(lora_id, version, who)
+    async def _zip(self, lora_id: str, version: int | None, who: Principal) -> Response:
+        data = await self.claas.export_zip(lora_id, version, who)
         filename = lora_id.replace("/", "__") + ".zip"
         return Response(data, media_type="application/zip", headers={"content-disposition": f'attachment; filename="{filename}"'})
 
@@ -321,14 +319,16 @@ class Router:
 
     @app.get("/v1/feedback/{feedback_id}")
     async def feedback_get(self, who: Caller, feedback_id: str) -> Response:
-        return JSONResponse(self.claas.feedback_status(feedback_id, who).model_dump())
+        return JSONResponse((await self.claas.feedback_status(feedback_id, who)).model_dump())
 
     # --- dashboard --------------------------------------------------------------------------
     @app.get("/dashboard")
     @app.get("/v1/dashboard")
     async def dashboard(self, who: Caller) -> Response:
         require_admin(who)  # it shows every tenant's adapters and feedback
-        page = render_dashboard(self.store, self.journal.recent(50), self.eval_reports, self.openai.base_name)
+        page = await asyncio.to_thread(
+            lambda: render_dashboard(self.store, self.journal.recent(50), self.eval_reports, self.openai.base_name)
+        )
         return HTMLResponse(page)
 
     @app.get("/dashboard/eval/{run}/compliance.png")
@@ -336,5 +336,5 @@ class Router:
         require_admin(who)
         path = (self.eval_reports / run / "compliance.png").resolve()
         if path.parent.parent != self.eval_reports.resolve() or not path.is_file():
-            return error_json(ErrorResponse.make(404, f"no evaluation plot for run '{run}'"))
+            raise ApiError(404, f"no evaluation plot for run '{run}'")
         return FileResponse(path, media_type="image/png")

@@ -121,8 +121,12 @@ def orphan_engines() -> list:
 
 @contextlib.contextmanager
 def claas_ray_serve(config: Path, log_path: Path, port: int):
-    """`claas-ray serve --address local` (a fresh cluster of its own) until the block ends, then SIGTERM."""
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    """`claas-ray serve --address local` (a fresh cluster of its own) until the block ends, then SIGTERM.
+
+    `tests/` is on its PYTHONPATH (inherited by the cluster's workers), so a config may name the tests' stand-ins.
+    """
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     env.pop("RAY_ADDRESS", None)
     with open(log_path, "w") as log:
         process = subprocess.Popen(

@@ -184,8 +184,8 @@ def test_s3_store_from_config_and_peft_loads_it(s3_server, tmp_path, trainer):
     from peft import PeftConfig
     from peft.utils import load_peft_weights
 
-    from claas_ray.adapters.store import open_store
     from claas_ray.config import ClaasConfig
+    from claas_ray.stores import open_store
 
     bucket = s3_server.new_bucket()
     config = ClaasConfig.model_validate({"store": {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,29 @@ def test_s3_store_needs_a_bucket_and_backends_are_named():
         load_config({"trainer": {"backend": "sagemaker"}}, environ={})
     config = load_config({"trainer": {"backend": "modal", "modal": {"app_name": "mine"}}}, environ={})
     assert config.trainer.modal.app_name == "mine" and config.trainer.modal.class_name == "SDPOTrainerGPU"
+
+
+def test_store_kinds_carry_only_their_settings_and_backends_refuse_what_they_ignore():
+    assert load_config({"store": {"root": "/tmp/x"}}).store.kind == "local"  # kind may be left out
+    for bad, key in [({"store": {"kind": "s3"}}, "store.s3.bucket"), ({"store": {"kind": "local", "bucket": "b"}}, "store.local.bucket"),
+                     ({"store": {"kind": "nfs"}}, "store.kind")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(bad)
+    tinker = {"serving": {"engine": "tinker"}, "trainer": {"backend": "tinker"}, "store": {"kind": "tinker"}}
+    assert load_config(tinker).trainer.backend == "tinker"
+    for extra, key in [({"training": {"teacher": "ema"}}, "training.teacher"),
+                       ({"training": {"teacher_rollouts": 2}}, "training.teacher_rollouts"),
+                       ({"router": {"request_training": ["alpha"]}}, "router.request_training")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config({**tinker, **extra})
+    with pytest.raises(ConfigError, match="trainer.colocation"):
+        load_config({"trainer": {"backend": "modal", "colocation": "sleep", "num_gpus": 0.5}, "serving": {"replica_num_gpus": 0.5}})
+
+
+def test_commands_that_need_no_cluster_do_not_import_ray():
+    code = ("import sys, contextlib, io\nfrom claas_ray.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "    main(['models', 'list']); main(['keys', 'new', '--tenant', 'x'])\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'deployments'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout

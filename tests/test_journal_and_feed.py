@@ -1,4 +1,6 @@
-"""The feedback journal's ordering and durability, and the replica feed's bookkeeping, without a cluster."""
+"""The feedback journal's ordering and durability, and the replica feed's bookkeeping, without a cluster.
+
+Recovery and the retry limit are the trainer loop's: tests/test_trainer_loop.py."""
 
 from __future__ import annotations
 
@@ -84,19 +86,3 @@ def test_feed_acks_and_late_joiners():
 
     asyncio.run(scenario())
 
-
-def test_an_item_that_keeps_killing_the_trainer_is_rejected_not_retried_forever(tmp_path):
-    from claas_ray.adapters import LocalAdapterStore
-    from deployments.trainer import MAX_ATTEMPTS, TrainerDeployment
-
-    journal = FeedbackJournal(tmp_path / "feedback.sqlite")
-    journal.append([("fb-poison", "a/x", example("long"), None, "text"), ("fb-fine", "a/x", example("ok"), None, "text")])
-    recover = TrainerDeployment.func_or_class._recover  # the start-up recovery, without Serve around it
-    trainer = type("Restarted", (), {"journal": journal, "store": LocalAdapterStore(tmp_path / "adapters")})()
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        journal.mark(["fb-poison"], "training")  # a step starts on it, and the process dies
-        assert journal.get("fb-poison").attempts == attempt
-        recover(trainer)
-    poison, fine = journal.get("fb-poison"), journal.get("fb-fine")
-    assert poison.status == "rejected" and "stopped 3 times" in poison.reason
-    assert fine.status == "queued" and fine.attempts == 0

@@ -9,6 +9,8 @@ import pytest
 import yaml
 from conftest import ROOT, claas_ray_serve, free_port, sha256_hex, write_serve_config
 
+from claas_ray.models.registry import resolve_model_path
+
 pytestmark = pytest.mark.slow
 
 TINKER_KEY = "sk-claas-tinker-test-key-0123456789"
@@ -24,13 +26,14 @@ def tinker_app(tmp_path_factory):
         ROOT / "configs" / "tinker.yaml", workdir / "serve.yaml", port,
         {
             "model": {"base_model": "smollm2-135m", "max_model_len": 1024},
-            "tinker": {"service": "standin"},
+            "tinker": {"service_factory": "tinker_standin:make_service"},  # tests/ is on the app's PYTHONPATH
             "training": {"learning_rate": 1e-3},
             "store": {"root": str(workdir / "tinker")},
             "state_dir": str(workdir / "state"),
             "auth": {"keys_file": str(workdir / "keys.yaml")},  # the shipped config's auth, with a test keys file
         },
     )
+    resolve_model_path("smollm2-135m")  # the stand-in's model, pulled once before its processes start
     with claas_ray_serve(config, workdir / "serve.log", port):
         yield f"http://127.0.0.1:{port}", workdir
 

@@ -11,14 +11,14 @@ import inspect
 import pytest
 import tinker
 from tinker import types
-
-from claas_ray.adapters.store import AdapterNotFoundError
-from claas_ray.backends.tinker import sdk
-from claas_ray.backends.tinker.standin import (
+from tinker_standin import (
     StandInSamplingClient,
     StandInTinkerService,
     StandInTrainingClient,
 )
+
+from claas_ray.adapters.store import AdapterNotFoundError
+from claas_ray.backends.tinker import sdk
 from claas_ray.backends.tinker.store import TinkerAdapterStore
 from claas_ray.backends.tinker.trainer import TinkerSDPO
 from claas_ray.chat import ChatMessage
@@ -68,7 +68,7 @@ def tinker_sdpo(tmp_path_factory):
 
 def test_sdpo_on_tinker_moves_the_student_toward_the_teacher(tinker_sdpo):
     trainer = tinker_sdpo
-    meta = trainer.init_adapter("sam/chat", LoraConfig(rank=8, alpha=16), seed=1)
+    meta = trainer.init_adapter("sam/chat", LoraConfig(rank=8, alpha=16), seed=1).meta
     assert meta.version == 0 and trainer.store.checkpoint("sam/chat", 0).sampler_path.startswith("tinker://")
     messages = [ChatMessage(role="user", content="Tell me about the ocean.")]
     feedback = "Answer only in French."
@@ -92,7 +92,7 @@ def test_sdpo_on_tinker_moves_the_student_toward_the_teacher(tinker_sdpo):
                                          sdk.sampling_params(24, 1.0, seed=step))
         example = TrainingExample(messages=messages, response_token_ids=tokens, response_logprobs=logprobs,
                                   feedback=feedback, feedback_id=f"fb-{step}")
-        new = trainer.step("sam/chat", [example], config)
+        new = trainer.step("sam/chat", [example], config).published.meta
         assert new.version == step + 1 and new.feedback_ids == [f"fb-{step}"]
         assert new.parent_version == step and new.metrics["tokens"] == len(tokens)
     after = student_logprob()

@@ -2,7 +2,7 @@
 
 from claas_ray.adapters.ids import AdapterIdError, validate_adapter_id
 from claas_ray.adapters.state import AdapterState
-from claas_ray.adapters.store import AdapterStore, AdapterVersionMeta, LocalAdapterStore, open_store
+from claas_ray.adapters.store import AdapterStore, AdapterVersionMeta, LocalAdapterStore
 
 __all__ = [
     "AdapterIdError",
@@ -10,6 +10,5 @@ __all__ = [
     "AdapterStore",
     "AdapterVersionMeta",
     "LocalAdapterStore",
-    "open_store",
     "validate_adapter_id",
 ]

@@ -33,7 +33,7 @@ from claas_ray.adapters.store import (
     AdapterNotFoundError,
     AdapterStore,
 )
-from claas_ray.config import StoreConfig
+from claas_ray.config import S3StoreConfig
 
 MANIFEST_FILE = "manifest.json"
 
@@ -56,7 +56,7 @@ class S3AdapterStore(AdapterStore):
         self.cache_dir = Path(cache_dir or tempfile.gettempdir()) / "claas-ray-s3" / bucket
 
     @classmethod
-    def from_config(cls, config: StoreConfig) -> S3AdapterStore:
+    def from_config(cls, config: S3StoreConfig) -> S3AdapterStore:
         return cls(
             config.bucket, config.prefix, endpoint_url=config.endpoint_url, region_name=config.region,
             cache_dir=config.root_path(),

@@ -19,7 +19,6 @@ from pydantic import BaseModel, Field
 
 from claas_ray.adapters.ids import validate_adapter_id
 from claas_ray.adapters.state import PEFT_FILES, AdapterState
-from claas_ray.config import StoreConfig
 
 META_FILE = "meta.json"
 TOP_LEVEL = "@"
@@ -274,17 +273,3 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def open_store(config: StoreConfig) -> AdapterStore:
-    """The store a config names."""
-    if config.kind == "local":
-        return LocalAdapterStore(config.root_path())
-    if config.kind == "s3":
-        from claas_ray.adapters.s3_store import S3AdapterStore
-
-        return S3AdapterStore.from_config(config)
-    if config.kind == "tinker":
-        from claas_ray.backends.tinker.store import TinkerAdapterStore
-
-        return TinkerAdapterStore(config.root_path() / "tinker_adapters.json")
-    raise ValueError(f"store.kind: unsupported adapter store {config.kind!r}")

@@ -1,40 +1,35 @@
-"""Where SDPO steps run: in the trainer deployment (`local`) or on Modal GPUs (`modal`).
+"""Where SDPO steps run: here (`local`), on Modal GPUs (`modal`) or on Tinker (`tinker`).
 
-Every backend offers the three calls the trainer deployment makes; the deployment itself (journal,
-publish, broadcast) is the same whichever backend computes the step.
+Each is a `StepBackend` (`step_backend.py`); `open_step_backend` is the one place that knows them all, so
+the trainer loop and the adapter store know none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from claas_ray.adapters.store import AdapterStore
+from claas_ray.backends.step_backend import PublishedVersion, StepBackend, StepOutcome, WeightsTrainer
+from claas_ray.config import ClaasConfig
 
-from claas_ray.adapters.state import AdapterState
-from claas_ray.config import ClaasConfig, LoraConfig, TrainingConfig
-from claas_ray.training.example import TrainingExample
-from claas_ray.training.step import StepResult
+__all__ = ["PublishedVersion", "StepBackend", "StepOutcome", "WeightsTrainer", "open_step_backend"]
 
 
-class TrainingBackend(Protocol):
-    def init_adapter(self, lora: LoraConfig, seed: int = 0) -> AdapterState:
-        """A zero-effect adapter of this shape for the base model."""
-
-    def check_compatible(self, state: AdapterState) -> None:
-        """Raise ValueError unless the state fits the base model's LoRA layout."""
-
-    def step(self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig) -> StepResult:
-        """One guarded SDPO step."""
-
-
-def open_backend(config: ClaasConfig) -> TrainingBackend:
-    """The backend `trainer.backend` names."""
+def open_step_backend(config: ClaasConfig, store: AdapterStore) -> StepBackend:
+    """The backend `trainer.backend` names, over the store `store.kind` names."""
     backend = config.trainer.backend
+    if backend == "tinker":
+        from claas_ray.backends.tinker.trainer import TinkerSDPO  # needs the `tinker` extra
+
+        return TinkerSDPO.from_config(config, store)
+    from claas_ray.backends.weights import WeightsStepBackend
+
+    trainer: WeightsTrainer
     if backend == "local":
         from claas_ray.training.step import SDPOTrainer
 
-        return SDPOTrainer(config.model)
-    if backend == "modal":
+        trainer = SDPOTrainer(config.model)
+    else:
         from claas_ray.backends.modal.client import ModalTrainingBackend
 
-        return ModalTrainingBackend(config)
-    raise ValueError(f"trainer.backend: unsupported backend {backend!r}")
+        trainer = ModalTrainingBackend(config)
+    return WeightsStepBackend(trainer, store, config.model.base_model, config.lora.target_modules,
+                              colocated=backend == "local")

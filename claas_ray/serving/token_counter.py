@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from claas_ray.config import ClaasConfig
@@ -29,7 +30,10 @@ def load_token_counter(config: ClaasConfig) -> TokenCounter:
         logger.warning("no tokenizer for %s (%s); feedback length is counted in UTF-8 bytes", name, exc)
         return utf8_bytes
 
+    lock = threading.Lock()  # intake runs in threads; one tokenizer is not safe to share between them
+
     def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        with lock:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return count

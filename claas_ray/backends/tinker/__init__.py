@@ -1,2 +1,3 @@
 """Training (and sampling) on Tinker: `sdk.py` holds every SDK call, `trainer.py` the SDPO step in Tinker's
-terms, `standin.py` a local stand-in for Tinker's service used by tests."""
+terms, `store.py` adapter versions as Tinker checkpoint paths. The tests' stand-in for Tinker's service is
+`tests/tinker_standin.py`."""

@@ -7,12 +7,21 @@ Tinker's. Every SDK call returns a future; these functions wait for it.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
 from tinker import types
 
-from claas_ray.config import TrainingConfig
+from claas_ray.config import ClaasConfig, TrainingConfig
+
+
+def connect_service(config: ClaasConfig) -> Any:
+    """Tinker's ServiceClient, or what `tinker.service_factory` makes instead (tests: a stand-in)."""
+    if config.tinker.service_factory is None:
+        return connect()
+    module, _, name = config.tinker.service_factory.partition(":")
+    return getattr(importlib.import_module(module), name)(config)
 
 
 def connect(api_key: str | None = None, base_url: str | None = None) -> Any:

@@ -7,7 +7,7 @@ distillation in its terms, as the Tinker cookbook does it:
    `compute_logprobs` under the adapter's current sampler weights;
 2. the teacher's log-probs of the same tokens: `compute_logprobs` on the hindsight context (the feedback
    appended to the last user turn, as in the local trainer), under the base model (`training.teacher:
-   base`) or the adapter itself (`current`; Tinker keeps no EMA copy, so `ema` falls back to `current`);
+   base`) or the adapter itself (`current`; Tinker keeps no EMA copy, so `ema` is refused when the config is validated);
 3. per-token advantages `kl_coef * (teacher - student)` and Tinker's `importance_sampling` loss, whose
    gradient is that of the reverse KL to the teacher on the sampled tokens;
 4. `optim_step` with our AdamW settings, then `save_state` (weights + Adam moments, to resume) and
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from claas_ray.adapters.store import AdapterExistsError, AdapterVersionMeta
+from claas_ray.backends.step_backend import PublishedVersion, StepOutcome
 from claas_ray.backends.tinker import sdk
 from claas_ray.backends.tinker.store import TinkerAdapterStore, TinkerCheckpoint
 from claas_ray.config import ClaasConfig, LoraConfig, TrainingConfig
@@ -29,19 +30,11 @@ from claas_ray.training.example import TrainingExample, tokenize_example
 from claas_ray.training.teacher import hindsight_messages
 
 
-def connect_service(config: ClaasConfig) -> Any:
-    """Tinker's ServiceClient, or the named local stand-in when `tinker.service: standin`."""
-    if config.tinker.service == "standin":
-        from claas_ray.backends.tinker.standin import StandInTinkerService
-
-        return StandInTinkerService(
-            config.tinker_base_model(), rank=config.lora.rank, checkpoint_dir=str(config.state_path() / "tinker-standin")
-        )
-    return sdk.connect()
-
-
 class TinkerSDPO:
-    """Per-adapter LoRA training on Tinker with the SDPO signal; see the module docstring."""
+    """Per-adapter LoRA training on Tinker with the SDPO signal; see the module docstring. A `StepBackend`:
+    versions are published as checkpoint paths, and replicas sample them on Tinker (no files to hand on)."""
+
+    colocated = False  # the step runs on Tinker's machines
 
     def __init__(self, service: Any, base_model: str, store: TinkerAdapterStore, kl_coef: float = 1.0,
                  max_len: int = 4096):
@@ -55,17 +48,31 @@ class TinkerSDPO:
 
     @classmethod
     def from_config(cls, config: ClaasConfig, store: TinkerAdapterStore) -> TinkerSDPO:
-        return cls(connect_service(config), config.tinker_base_model(), store, config.tinker.kl_coef,
+        return cls(sdk.connect_service(config), config.tinker_base_model(), store, config.tinker.kl_coef,
                    max_len=config.model.max_model_len)
 
-    def init_adapter(self, adapter_id: str, lora: LoraConfig, seed: int = 0) -> AdapterVersionMeta:
+    def init_adapter(self, adapter_id: str, lora: LoraConfig, seed: int = 0) -> PublishedVersion:
         if self.store.version_numbers(adapter_id):
             raise AdapterExistsError(f"adapter {adapter_id!r} already exists")
+        return self._fresh(adapter_id, lora, seed, version=0, parent=None)
+
+    def reset_adapter(self, adapter_id: str, lora: LoraConfig) -> PublishedVersion:
+        return self._fresh(adapter_id, lora, 0, version=self.store.next_version(adapter_id),
+                           parent=self.store.latest_version(adapter_id))
+
+    def _fresh(self, adapter_id: str, lora: LoraConfig, seed: int, version: int, parent: int | None) -> PublishedVersion:
+        """A new Tinker LoRA (zero effect: its B matrices start at zero), saved and published as `version`."""
         training = sdk.new_training_client(self.service, self.base_model, lora.rank, seed)
-        checkpoint = _save(training, adapter_id, 0)
-        meta = AdapterVersionMeta(adapter_id=adapter_id, version=0, base_model=self.base_model,
-                                  note=f"initial Tinker LoRA, rank {lora.rank}")
-        return self.store.publish_files(meta, self.store.checkpoint_files(checkpoint))
+        checkpoint = _save(training, adapter_id, version)
+        meta = AdapterVersionMeta(adapter_id=adapter_id, version=version, parent_version=parent, base_model=self.base_model,
+                                  note=f"{'initial' if parent is None else 'reset: new'} Tinker LoRA, rank {lora.rank}")
+        return PublishedVersion(self.store.publish_files(meta, self.store.checkpoint_files(checkpoint)))
+
+    def import_adapter(self, adapter_id: str, files: dict[str, bytes]) -> PublishedVersion:
+        raise ValueError("adapters trained on Tinker live there: importing weights files is not supported")
+
+    def forget(self, adapter_id: str) -> None:
+        return None  # nothing is cached per adapter
 
     def sampler(self, adapter_id: str | None, version: int | None = None) -> Any:
         """A sampling client for an adapter version (latest by default), or the base model for None."""
@@ -75,11 +82,11 @@ class TinkerSDPO:
         return sdk.sampling_client(self.service, model_path=self.store.checkpoint(adapter_id, version).sampler_path)
 
     def step(self, adapter_id: str, examples: Sequence[TrainingExample], config: TrainingConfig,
-             feedback_ids: Sequence[str] | None = None) -> AdapterVersionMeta:
+             feedback_ids: Sequence[str] | None = None) -> StepOutcome:
         """One SDPO step on the adapter's latest version, published as the next version.
 
-        `feedback_ids` go into the version's meta: after a crash, the trainer deployment finds there which
-        feedback a version already applied (exactly once); they default to the examples' own ids.
+        `feedback_ids` go into the version's meta: after a crash, the trainer loop finds there which feedback
+        a version already applied (exactly once); they default to the examples' own ids.
         """
         if not examples:
             raise ValueError("a step needs at least one example")
@@ -120,7 +127,7 @@ class TinkerSDPO:
             feedback_ids=list(feedback_ids) if feedback_ids is not None else [e.feedback_id for e in examples if e.feedback_id],
             metrics=metrics,
         )
-        return self.store.publish_files(meta, self.store.checkpoint_files(checkpoint))
+        return StepOutcome(PublishedVersion(self.store.publish_files(meta, self.store.checkpoint_files(checkpoint))), metrics)
 
 
 def _save(training: Any, adapter_id: str, version: int) -> TinkerCheckpoint:

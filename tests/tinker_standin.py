@@ -1,7 +1,8 @@
 """A STAND-IN for Tinker's service, running on the local torch model. It is not Tinker.
 
-Tinker cannot be reached from a test machine, so tests (and offline demos) point the Tinker backend at
-this class instead of `tinker.ServiceClient`. It implements the part of the SDK's client interface that
+Tinker cannot be reached from a test machine, so tests point the Tinker backend at this class instead of
+`tinker.ServiceClient`, through `tinker.service_factory: tinker_standin:make_service` (`tests/` is on the
+app's PYTHONPATH in the tests, and nowhere else). It implements the part of the SDK's client interface that
 `claas_ray.backends.tinker.sdk` calls, with the SDK's own method signatures, request types and response
 types, and futures with `.result()` like the SDK's:
 
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tinker import types
 
+from claas_ray.config import ClaasConfig
 from claas_ray.models.registry import resolve_model_path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -286,3 +288,10 @@ class StandInSamplingClient:
                     tokens_np=np.array(new, dtype=np.int32), logprobs_np=np.array(scores, dtype=np.float32),
                 ))
         return _Done(types.SampleResponse(sequences=sequences))
+
+
+def make_service(config: ClaasConfig) -> StandInTinkerService:
+    """The `tinker.service_factory` the tests name: one stand-in per process, sharing checkpoints on disk."""
+    return StandInTinkerService(
+        config.tinker_base_model(), rank=config.lora.rank, checkpoint_dir=str(config.state_path() / "tinker-standin")
+    )
