@@ -31,8 +31,9 @@ class LocalApp:
         import ray
         from ray import serve
 
-        from deployments.launch import serve_config
+        from deployments.launch import local_cluster_environment, serve_config
 
+        local_cluster_environment()  # before Ray starts: as `claas-ray serve` runs the app
         path = self.workdir / "serve.yaml"
         path.write_text(yaml.safe_dump(self.spec))
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

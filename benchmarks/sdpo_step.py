@@ -24,8 +24,8 @@ def _measure(variant: str, steps: int, response_tokens: int, queue) -> None:
 
     from claas_ray.chat import render_prompt_ids
     from claas_ray.config import LoraConfig, ModelConfig, TrainingConfig
+    from claas_ray.models.registry import resolve_model_path
     from claas_ray.training import ChatMessage, SDPOTrainer, TrainingExample
-    from claas_ray.training.step import STUDENT, _make_optimizer
 
     torch.manual_seed(0)
     trainer = SDPOTrainer(ModelConfig())
@@ -49,18 +49,17 @@ def _measure(variant: str, steps: int, response_tokens: int, queue) -> None:
             values.append(result.metrics.get(key, 0.0))
 
     prompt_ids = render_prompt_ids(trainer.tokenizer, messages)
-    input_ids = torch.tensor(prompt_ids + ids)
+    input_ids = torch.tensor([prompt_ids + ids])
     response = torch.tensor(ids)
+    plain = _plain_peft_model(resolve_model_path(ModelConfig().base_model), LoraConfig()) if variant == "plain_ce" else None
 
     def plain_step() -> None:
-        trainer._prepare(state)
-        params = trainer._slot_params(STUDENT)
-        optimizer = _make_optimizer(params, state.optimizer, config)
-        with trainer._weights(STUDENT):
-            logits = trainer._response_logits(input_ids, response.shape[0])
-            loss = torch.nn.functional.cross_entropy(logits, response)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        """The baseline: a textbook PEFT step (its own PEFT model, AdamW, cross-entropy on the response)."""
+        model, optimizer = plain
+        optimizer.zero_grad()
+        logits = model(input_ids=input_ids, logits_to_keep=response.shape[0] + 1).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits.float(), response).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
         optimizer.step()
 
     run = plain_step if variant == "plain_ce" else sdpo_step
@@ -82,6 +81,19 @@ def _measure(variant: str, steps: int, response_tokens: int, queue) -> None:
             **({f"median_{key}": statistics.median(values) for key, values in parts.items()} if parts["rollout_seconds"] else {}),
         }
     )
+
+
+def _plain_peft_model(path: str, lora):
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                       target_modules=list(lora.target_modules)))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, optimizer
 
 
 def main() -> None:

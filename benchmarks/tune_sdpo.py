@@ -18,8 +18,6 @@ import json
 import sys
 import time
 
-import torch
-
 from claas_ray.chat import ChatMessage
 from claas_ray.config import LoraConfig, ModelConfig, TrainingConfig
 from claas_ray.degeneration import is_degenerate
@@ -45,17 +43,13 @@ def raw_compliance(preference, answers: list[str]) -> float:
     return sum(complies(a, preference.verifier) for a in answers) / len(answers)
 
 
-@torch.no_grad()
 def text_nll(trainer: SDPOTrainer, state) -> float:
     """Mean per-token NLL of the capability texts, as `/v1/score` with a raw prompt measures it."""
-    weights = trainer._select(state)
     total, count = 0.0, 0
     for text in load_capability().texts:
         prompt = trainer.tokenizer(text["prompt"])["input_ids"]
         continuation = trainer.tokenizer(text["continuation"], add_special_tokens=False)["input_ids"]
-        ids = torch.tensor(prompt + continuation)
-        with trainer._weights(weights):
-            total -= float(trainer._chosen_logprobs(ids, torch.tensor(continuation)).sum())
+        total -= trainer.continuation_logprob(state, prompt, continuation)
         count += len(continuation)
     return total / count
 

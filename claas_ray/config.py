@@ -262,6 +262,11 @@ class TrainerConfig(StrictModel):
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the trainer.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for the trainer (fractional to share a device).")
     torch_threads: int | None = Field(None, ge=1, description="Threads for a step; default: Ray's (one per reserved CPU).")
+    cpu_niceness: int = Field(
+        10, ge=0, le=19,
+        description="Added to the CPU niceness of the thread that runs steps (and the threads it starts): where steps "
+        "and serving share cores (the CPU build), serving comes first and a step under load takes longer. 0: equal.",
+    )
     max_batch_items: int = Field(8, ge=1, le=256, description="Most feedback items of one adapter in one step.")
     max_pending_per_adapter: int = Field(64, ge=1, description="Queued items per adapter before 429.")
     colocation: Literal["none", "sleep"] = Field(

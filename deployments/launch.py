@@ -39,6 +39,19 @@ def wait_healthy(url: str, timeout_s: float, alive: Callable[[], bool] | None = 
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
 
 
+def local_cluster_environment() -> None:
+    """Settings for a cluster of our own on one machine, before Ray starts it.
+
+    Every Ray socket on 127.0.0.1 (never when joining a cluster, `--address auto` or host:port: there it would
+    make Ray refuse the other nodes). Workers at normal CPU priority: Ray starts them at niceness 15, so on a
+    small machine the inference engine lost the CPU to every ordinary process (the serving benchmark's own
+    client made the endpoint 0.68x the bare engine); the trainer lowers its own priority instead
+    (`trainer.cpu_niceness`), so serving comes first.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def serve_config(
     path: str | Path, address: str | None = None, port: int | None = None, block: bool = True, ready_timeout_s: float = 900
 ) -> list[str]:
@@ -47,9 +60,7 @@ def serve_config(
     With `block`, keeps serving until Ctrl-C or SIGTERM, then shuts the applications down.
     """
     if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
-        # A cluster of our own on one machine: every Ray socket on 127.0.0.1. Never when joining a cluster
-        # (`--address auto` or host:port): there it would make Ray refuse the other nodes.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        local_cluster_environment()
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # the dashboard API and jobs need a token
     import ray
     from ray import serve

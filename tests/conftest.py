@@ -64,7 +64,9 @@ class RayCluster:
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+        # As `claas-ray serve` starts a cluster of its own (deployments/launch.py, local_cluster_environment).
+        self.env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_worker_niceness="0",
+                        PATH=f"{VENV_BIN}:{os.environ['PATH']}")
         self.workdir = workdir
         # Token auth is on (RAY_AUTH_MODE=token): a fresh machine has no token until one is generated.
         subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], check=True, env=self.env,

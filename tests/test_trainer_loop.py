@@ -5,6 +5,7 @@ that adds one to a tensor, and a crash is an exception no handler catches, as a 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 
 import pytest
@@ -45,6 +46,7 @@ class AddingTrainer:
     def step(self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig) -> StepResult:
         texts = [example.response_text for example in examples]
         self.batches.append(texts)
+        self.niceness = os.nice(0)  # of the thread the loop runs steps on
         for text in texts:
             if text in self.crash_on:
                 raise Crash(text)
@@ -160,6 +162,8 @@ def test_batches_follow_the_oldest_adapter_keep_order_and_one_set_of_settings(tm
     assert state.student["w"].tolist() == [3.0, 3.0]
     metrics = rig.journal.get("a1").metrics
     assert metrics["replicas_acked"] == 2 and metrics["train_s"] >= 0 and metrics["queue_s"] >= 0
+    # Steps run at a lower CPU priority than the caller: where they share cores with serving, serving wins.
+    assert rig.trainer.niceness == min(19, os.nice(0) + rig.config.trainer.cpu_niceness)
 
 
 @pytest.mark.parametrize("point", ["before_publish", "after_publish_before_ack", "after_ack"])

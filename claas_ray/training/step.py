@@ -510,8 +510,12 @@ class SDPOTrainer:
         self, state: AdapterState | None, messages: list[ChatMessage], response_ids: list[int]
     ) -> float:
         """Summed log-prob of `response_ids` after `messages`, under an adapter (or the base if None)."""
-        prompt = render_prompt_ids(self.tokenizer, messages)
-        ids = torch.tensor(prompt + list(response_ids), dtype=torch.long)
+        return self.continuation_logprob(state, render_prompt_ids(self.tokenizer, messages), response_ids)
+
+    @torch.no_grad()
+    def continuation_logprob(self, state: AdapterState | None, prompt_ids: list[int], response_ids: list[int]) -> float:
+        """Summed log-prob of `response_ids` after raw `prompt_ids` (as `/v1/score` with a raw prompt)."""
+        ids = torch.tensor(list(prompt_ids) + list(response_ids), dtype=torch.long)
         response = torch.tensor(list(response_ids), dtype=torch.long)
         with self._weights(self._select(state)):
             return float(self._chosen_logprobs(ids, response).sum())

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,11 +78,14 @@ class TrainerLoop:
         self.replicas = replicas
         self.steps = 0
         self._model = asyncio.Lock()  # one model, one user at a time: steps, inits, resets, imports
+        # Backend calls run on one thread of their own, at a lower CPU priority (its torch threads inherit it).
+        self._thread = ThreadPoolExecutor(1, "sdpo-step", initializer=os.nice, initargs=(config.trainer.cpu_niceness,))
         self._wake = asyncio.Event()
 
     # --- recovery ---------------------------------------------------------------------------------
     def recover(self) -> None:
-        """Items caught mid-step by a crash: applied if a published version names them, else queued again."""
+        """Items caught mid-step by a crash: applied if a published version names them, rejected after
+        `MAX_ATTEMPTS` starts, else queued again."""
         named: dict[str, dict[str, AdapterVersionMeta]] = {}
         for entry in self.journal.with_status("training"):
             if entry.adapter_id not in named:
@@ -106,8 +111,8 @@ class TrainerLoop:
     async def run(self) -> None:
         await self.replicas.ready()
         while True:
+            self._wake.clear()  # before looking: a notify during the look is not lost
             if not await self.run_once():
-                self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                 except asyncio.TimeoutError:
@@ -162,14 +167,14 @@ class TrainerLoop:
         await asyncio.to_thread(self.journal.mark, [entry.id for entry in batch], status, **fields)
 
     async def _with_model(self, call, *args, pause: bool = False):
-        """Run a blocking backend call in a thread, alone on the model; on a shared accelerator the replicas
+        """Run a blocking backend call on the step thread, alone on the model; on a shared accelerator the replicas
         sleep meanwhile (steps only: a lifecycle call is short)."""
         pause = pause and self.backend.colocated and self.config.trainer.colocation == "sleep"
         async with self._model:
             if pause:
                 await self.replicas.pause()
             try:
-                return await asyncio.to_thread(call, *args)
+                return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
             finally:
                 if pause:
                     await self.replicas.resume()
