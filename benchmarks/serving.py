@@ -121,8 +121,8 @@ def make_adapter(store_root: Path, adapter_id: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--single-requests", type=int, default=4)
-    parser.add_argument("--concurrent-requests", type=int, default=16)
+    parser.add_argument("--single-requests", type=int, default=8)
+    parser.add_argument("--concurrent-requests", type=int, default=32)
     args = parser.parse_args()
     loads = [(1, args.single_requests), (8, args.concurrent_requests)]
 
