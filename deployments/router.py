@@ -127,6 +127,7 @@ class RequestGuard:
         router: Router = serve.get_replica_context().servable_object
         path = scope["path"]
         if path not in PUBLIC_PATHS:
+            await router.keys.refresh()
             principal = router.keys.authenticate(Headers(scope=scope).get("authorization"))
             if principal is None:
                 error = ErrorResponse.make(

@@ -7,6 +7,7 @@ re-read when it changes, so a key is revoked without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -108,6 +109,22 @@ class ApiKeys:
         table = {key.key_sha256 or digest(key.key or ""): Principal(tenant=key.tenant, admin=key.admin) for key in keys}
         self._table, self._mtime = table, mtime
 
+    async def refresh(self) -> None:
+        """Re-read the keys file if it changed (checked every KEYS_FILE_CHECK_S), in a thread: a file read must
+        not hold up the event loop; a revoked key stops working within seconds, with no restart."""
+        now = time.monotonic()
+        if self._path is None or now - self._checked <= KEYS_FILE_CHECK_S:
+            return
+        self._checked = now
+        await asyncio.to_thread(self._reload_keeping_last_good)
+
+    def _reload_keeping_last_good(self) -> None:
+        with self._lock:
+            try:
+                self._reload()
+            except (ConfigError, OSError) as exc:  # a half-written file: keep the last good table
+                logger.warning("keys file not reloaded: %s", exc)
+
     def authenticate(self, authorization: str | None) -> Principal | None:
         """`Bearer <key>` (API clients), or `Basic` with the key as password or user (browsers, the dashboard)."""
         if not self.enabled:
@@ -115,14 +132,6 @@ class ApiKeys:
         token = bearer_or_basic_token(authorization)
         if token is None:
             return None
-        now = time.monotonic()
-        if self._path is not None and now - self._checked > KEYS_FILE_CHECK_S:
-            with self._lock:
-                self._checked = now
-                try:
-                    self._reload()
-                except (ConfigError, OSError) as exc:  # a half-written file: keep the last good table
-                    logger.warning("keys file not reloaded: %s", exc)
         return self._table.get(digest(token))
 
 
