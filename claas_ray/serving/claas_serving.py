@@ -44,7 +44,7 @@ from claas_ray.protocol.claas import (
     LoraSummary,
     TimingMs,
 )
-from claas_ray.protocol.openai import new_id
+from claas_ray.protocol.openai import ErrorResponse, new_id
 from claas_ray.serving.auth import Principal
 from claas_ray.serving.completion_log import CompletionLog, CompletionRecord
 from claas_ray.serving.errors import ApiError
@@ -398,10 +398,10 @@ class ClaasServing:
         if not claas:
             return response, 200 if final else 202
         if not final:
-            response.error = ApiError(
+            response.error = ErrorResponse.make(
                 504, f"feedback {ids} not applied within {timeout_s:g}s; it stays queued: GET /v1/feedback/<id>",
                 code="feedback_timeout",
-            ).error.error
+            ).error  # in the body, beside the items: not raised
             return response, 504
         return self._claas_answer(response, entries, started), 200
 

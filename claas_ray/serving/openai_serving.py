@@ -229,11 +229,11 @@ class OpenAIServing:
         return ModelList(data=cards)
 
     async def model_card(self, model: str, who: Principal) -> ModelCard:
+        """The card `/v1/models` lists for this model (named by its id, or by a CLaaS name)."""
         target = await self.resolve_model(model, who)
-        for card in (await self.list_models(who)).data:
-            if card.id == target.model:
-                return card
-        raise ApiError(404, f"The model '{model}' does not exist", "model", "model_not_found")
+        if target.adapter_id is None:
+            return ModelCard(id=self.base_name)
+        return ModelCard(id=target.model, parent=self.base_name, latest_version=target.adapter_version)
 
     # --- chat and completions ---------------------------------------------------------------
     async def chat(self, request: ChatCompletionRequest, who: Principal) -> Served:
