@@ -4,6 +4,9 @@
 # benchmarks/eval_full.yaml, and write the report (report.json, summary.md, compliance.png,
 # accumulation.png) to reports/eval_full/.
 #   bash benchmarks/eval_full.sh [extra `claas-ray eval` arguments]
+# The pairs alone (about 50 minutes on two cores):
+#   CLAAS_RAY_EVAL_CONFIG=benchmarks/eval_accumulation.yaml CLAAS_RAY_EVAL_OUTPUT=reports/eval_accumulation \
+#     bash benchmarks/eval_full.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
@@ -21,4 +24,4 @@ for _ in $(seq 600); do
   kill -0 $SERVER 2>/dev/null || { echo "claas-ray serve exited" >&2; exit 1; }
   sleep 1
 done
-.venv/bin/claas-ray eval --url "http://127.0.0.1:$PORT" --config benchmarks/eval_full.yaml --output "$OUT" "$@"
+.venv/bin/claas-ray eval --url "http://127.0.0.1:$PORT" --config "${CLAAS_RAY_EVAL_CONFIG:-benchmarks/eval_full.yaml}" --output "$OUT" "$@"

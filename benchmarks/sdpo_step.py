@@ -51,7 +51,7 @@ def _measure(variant: str, steps: int, response_tokens: int, queue) -> None:
     prompt_ids = render_prompt_ids(trainer.tokenizer, messages)
     input_ids = torch.tensor([prompt_ids + ids])
     response = torch.tensor(ids)
-    plain = _plain_peft_model(resolve_model_path(ModelConfig().base_model), LoraConfig()) if variant == "plain_ce" else None
+    plain = plain_peft_model(resolve_model_path(ModelConfig().base_model), LoraConfig()) if variant == "plain_ce" else None
 
     def plain_step() -> None:
         """The baseline: a textbook PEFT step (its own PEFT model, AdamW, cross-entropy on the response)."""
@@ -83,12 +83,13 @@ def _measure(variant: str, steps: int, response_tokens: int, queue) -> None:
     )
 
 
-def _plain_peft_model(path: str, lora):
+def plain_peft_model(path: str, lora, dtype=None):
+    """A textbook PEFT model and AdamW, the baseline step (also of benchmarks/sdpo_scaling.py)."""
     import peft
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     model = peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                        target_modules=list(lora.target_modules)))
     model.train()

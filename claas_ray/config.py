@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "CLAAS_RAY__"
 """Environment overrides: `CLAAS_RAY__TRAINING__LEARNING_RATE=1e-4` sets `training.learning_rate`."""
@@ -46,6 +55,14 @@ class LoraConfig(StrictModel):
         description="Projection modules that get LoRA weights (all attention and MLP projections).",
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _projections_only(cls, modules: list[str]) -> list[str]:
+        refused = sorted({"lm_head", "embed_tokens"} & set(modules))
+        if refused:
+            raise ValueError(f"{refused} cannot be LoRA targets: the trainer and vLLM adapt projection layers only")
+        return modules
+
 
 class TrainingConfig(StrictModel):
     """SDPO step knobs.
@@ -78,9 +95,17 @@ class TrainingConfig(StrictModel):
         5.0, gt=0, description="Reject a step whose post-step KL(student || base) per token exceeds this."
     )
     max_step_tokens: int | None = Field(
-        4096, ge=16,
-        description="Longest example (teacher prompt + response) a step takes; memory grows with it (about 2.5 MB "
-        "per token for the 135M model on the CPU). Longer feedback is refused (400) or rejected, with the reason.",
+        None, ge=16,
+        description="Longest example (teacher prompt + response) a step takes; None: the model's context "
+        "(model.max_model_len). Memory grows with it (README, \"Memory and long conversations\"). Longer "
+        "feedback is refused (400) or rejected, with the reason.",
+    )
+    gradient_checkpointing_tokens: int | None = Field(
+        1024, ge=0,
+        description="Student passes over at least this many tokens (conversation plus response) recompute each "
+        "layer's activations in the backward pass instead of keeping them for every token: their memory per token "
+        "falls about 10x for a fifth more time. Shorter ones, whose activations are small, keep them. 0: always; "
+        "None: never.",
     )
     feedback_memory: int = Field(
         8, ge=0, le=32,

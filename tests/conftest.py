@@ -25,7 +25,7 @@ def trainer():
     from claas_ray.config import ModelConfig
     from claas_ray.training import SDPOTrainer
 
-    return SDPOTrainer(ModelConfig())
+    return SDPOTrainer(ModelConfig(max_model_len=8192))  # the embedded model's whole context, as configs/local.yaml
 
 
 # --- a real local Ray cluster and the real app, once per session -------------------------------

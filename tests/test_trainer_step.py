@@ -181,6 +181,6 @@ def test_own_response_head_scores_exactly_as_inside_the_whole_response(trainer):
     trainer._prepare(trained)
     for weights, ids, head_ids in (("student", whole.student_ids, head.student_ids), ("base", whole.teacher_ids, head.teacher_ids)):
         with torch.no_grad(), trainer._weights(weights):
-            full = trainer._response_logits(ids, whole.response_ids.shape[0])
-            cut = trainer._response_logits(head_ids, 4)
+            full = trainer._logits(trainer._response_hidden(ids, whole.response_ids.shape[0]))
+            cut = trainer._logits(trainer._response_hidden(head_ids, 4))
         torch.testing.assert_close(cut, full[:4], rtol=1e-4, atol=1e-4)

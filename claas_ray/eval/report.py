@@ -10,10 +10,12 @@ from claas_ray.eval.runner import Checkpoint, EvalReport, PreferenceResult, capa
 def write_report(report: EvalReport, folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "report.json", "markdown": folder / "summary.md", "plot": folder / "compliance.png"}
+    paths = {"json": folder / "report.json", "markdown": folder / "summary.md"}
     paths["json"].write_text(report.model_dump_json(indent=2))
     paths["markdown"].write_text(markdown(report))
-    plot(report, paths["plot"])
+    if report.results:  # a run of sequences alone has no per-preference curves to draw
+        paths["plot"] = folder / "compliance.png"
+        plot(report, paths["plot"])
     if report.sequences:
         paths["sequences_plot"] = folder / "accumulation.png"
         plot_sequences(report, paths["sequences_plot"])

@@ -311,10 +311,10 @@ class ClaasServing:
                      source: FeedbackSource, param: str) -> _Prepared:
         """Train on what was served: the recorded tokens, the whole conversation, the sampling log-probs."""
         size = len(record.prompt_token_ids) + len(record.response_token_ids) + self.count_tokens(item.feedback)
-        step_limit = self.config.training.max_step_tokens
-        if step_limit is not None and size > step_limit:
+        step_limit = self.config.training.max_step_tokens or self.config.model.max_model_len
+        if size > step_limit:
             raise ApiError(400, f"that conversation and the feedback are about {size} tokens; a step takes at most "
-                       f"{step_limit} (training.max_step_tokens)", param, "too_long_to_train")
+                       f"{step_limit} (training.max_step_tokens, else model.max_model_len)", param, "too_long_to_train")
         example = TrainingExample(
             messages=record.messages,
             response_text=record.response_text,

@@ -40,6 +40,10 @@ class TeacherTopK:
     def buckets(self) -> torch.Tensor:  # [T, K+1]
         return torch.cat([self.logprobs, self.tail_logprob.unsqueeze(-1)], dim=-1)
 
+    def rows(self, positions: slice) -> TeacherTopK:
+        """The distribution at a range of response positions (the loss is computed a chunk at a time)."""
+        return TeacherTopK(logprobs=self.logprobs[positions], token_ids=self.token_ids[positions])
+
 
 def log_remaining_mass(logprobs: torch.Tensor) -> torch.Tensor:
     """log(1 - sum(exp(logprobs))) over the last axis, floored so an all-mass top-K stays finite."""

@@ -13,7 +13,9 @@ state is returned. README, "SDPO: the algorithm and its knobs", walks through it
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +35,10 @@ from claas_ray.training.teacher import ema_update, hindsight_messages, learn_fee
 
 STUDENT = "student"
 COLLAPSE_CHECK_PROMPT_TOKENS = 512  # longer prompts are checked by their last user turn alone
+LOGIT_CHUNK_ELEMENTS = 1 << 23  # positions x vocabulary projected at once: 32 MB of float32 logits
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+SHARED_PREFIX_MIN_TOKENS = 32  # shorter common prefixes of the teacher's and the base's inputs are not worth a cache
+LOSS_SUMS = ("loss", "divergence", "kl", "ratio", "clipped", "tokens")
 TEACHER = "teacher"
 Weights = Literal["student", "teacher", "base"]
 
@@ -43,7 +49,7 @@ class _Rollout:
 
     example: TokenizedExample
     target: TeacherTopK  # from the sampling logits: the distribution the rollout was drawn from (at temperature 1)
-    base_logprobs: torch.Tensor | None  # [T, V] when the teacher is the base model: its scoring pass was the base pass
+    base_hidden: torch.Tensor | None  # [T, H] when the teacher is the base model: its scoring pass was the base pass
 
 
 @dataclass
@@ -54,6 +60,23 @@ class StepResult:
     state: AdapterState
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once, in this process.
+
+    glibc raises its mmap threshold each time a large block is freed, so after the first step every activation
+    of a long conversation comes from the heap, stays resident when freed, and fragments it: measured on the
+    embedded model, a 2,048-token step peaked 1.9 GB higher with the default, and the trainer kept it for
+    good. A fixed threshold (which also stops the raising) serves blocks above 128 kB from mmap again.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to tune
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def pick_device(preference: str) -> torch.device:
@@ -74,6 +97,7 @@ class SDPOTrainer:
     def __init__(self, model_config: ModelConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        return_freed_memory()
         self.model_config = model_config
         self.base_model_name = model_config.base_model
         path = resolve_model_path(model_config.base_model)
@@ -85,6 +109,7 @@ class SDPOTrainer:
         for parameter in base.parameters():
             parameter.requires_grad_(False)
         self.base = base
+        self._checkpointing = False
         self._peft = None
         self._slot_lora: LoraConfig | None = None
 
@@ -206,16 +231,37 @@ class SDPOTrainer:
                 raise ValueError(f"adapter tensor {name} has non-finite values")
 
     # --- scoring passes ---------------------------------------------------------------------
-    def _response_logits(self, input_ids: torch.Tensor, response_len: int) -> torch.Tensor:
-        """Logits [T, V] that predict the last `response_len` tokens of `input_ids`."""
-        output = self._peft(
-            input_ids=input_ids.unsqueeze(0).to(self.device), logits_to_keep=response_len + 1, use_cache=False
-        )
-        return output.logits[0, :-1].float()
+    # A pass returns final hidden states [T, H] at the response positions, not logits: the vocabulary
+    # projection is the largest tensor of a step (49k floats per position here, 152k for Qwen3), so it is
+    # done by `_logits` a chunk of positions at a time and never held for a whole response (README,
+    # "Memory and long conversations").
+    def _response_hidden(self, input_ids: torch.Tensor, response_len: int) -> torch.Tensor:
+        """Final hidden states [T, H] at the positions that predict the last `response_len` tokens of `input_ids`."""
+        decoder = self._peft.get_base_model().get_decoder()
+        hidden = decoder(input_ids=input_ids.unsqueeze(0).to(self.device), use_cache=False).last_hidden_state
+        return hidden[0, -response_len - 1 : -1]
 
-    def _chosen_logprobs(self, input_ids: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
-        logits = self._response_logits(input_ids, response_ids.shape[0])
-        return torch.log_softmax(logits, -1).gather(-1, response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [n, V] from hidden states [n, H] (as the model's own head computes them)."""
+        logits = self._peft.get_base_model().get_output_embeddings()(hidden).float()
+        cap = getattr(self.base.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _chunks(self, positions: int) -> list[slice]:
+        size = max(1, LOGIT_CHUNK_ELEMENTS // self.base.config.vocab_size)
+        return [slice(start, min(start + size, positions)) for start in range(0, positions, size)]
+
+    def _chosen_logprobs(self, hidden: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+        """Log-probs [T] of `response_ids` from hidden states [T, H]."""
+        ids = response_ids.to(self.device).unsqueeze(-1)
+        return torch.cat([
+            torch.log_softmax(self._logits(hidden[chunk]), -1).gather(-1, ids[chunk]).squeeze(-1)
+            for chunk in self._chunks(hidden.shape[0])
+        ])
+
+    def _topk(self, hidden: torch.Tensor, k: int) -> TeacherTopK:
+        parts = [teacher_topk(self._logits(hidden[chunk]), k) for chunk in self._chunks(hidden.shape[0])]
+        return TeacherTopK(torch.cat([p.logprobs for p in parts]), torch.cat([p.token_ids for p in parts]))
 
     def _teacher_weights(self, config: TrainingConfig) -> Weights:
         return {"ema": TEACHER, "base": "base", "current": STUDENT}[config.teacher]
@@ -239,21 +285,53 @@ class SDPOTrainer:
         ]
 
     @torch.no_grad()
-    def _teacher_targets(self, batch: list[TokenizedExample], config: TrainingConfig) -> list[TeacherTopK]:
-        with self._weights(self._teacher_weights(config)):
-            return [
-                teacher_topk(self._response_logits(item.teacher_ids, item.response_ids.shape[0]), config.top_k)
-                for item in batch
-            ]
+    def _teacher_and_base(
+        self, batch: list[TokenizedExample], config: TrainingConfig, need_base: bool
+    ) -> tuple[list[TeacherTopK], list[torch.Tensor | None]]:
+        """The teacher's targets and (if needed) the base model's hidden states for the users' own responses.
+
+        With the base model as the teacher (the default) both are passes of the same weights over inputs that
+        agree up to the last user turn, where the feedback goes: that prefix, most of an agent's conversation, is
+        computed once and its key-value cache serves both continuations.
+        """
+        weights = self._teacher_weights(config)
+        targets: list[TeacherTopK] = []
+        base: list[torch.Tensor | None] = []
+        for item in batch:
+            length = item.response_ids.shape[0]
+            if need_base and weights == "base":
+                with self._weights("base"):
+                    student, teacher = self._paired_hidden(item.student_ids, item.teacher_ids, length)
+                base.append(student)
+            else:
+                with self._weights(weights):
+                    teacher = self._response_hidden(item.teacher_ids, length)
+                base.append(self._base_hidden([item])[0] if need_base else None)
+            targets.append(self._topk(teacher, config.top_k))
+        return targets, base
+
+    def _paired_hidden(
+        self, first: torch.Tensor, second: torch.Tensor, response_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_response_hidden` of two inputs with the weights already selected, their common prefix computed once."""
+        usable = min(first.shape[0], second.shape[0]) - response_len - 1  # each continuation predicts its response
+        differs = (first[: max(usable, 0)] != second[: max(usable, 0)]).nonzero()
+        shared = int(differs[0, 0]) if differs.numel() else max(usable, 0)
+        if shared < SHARED_PREFIX_MIN_TOKENS:
+            return self._response_hidden(first, response_len), self._response_hidden(second, response_len)
+        decoder = self._peft.get_base_model().get_decoder()
+        cache = decoder(input_ids=first[:shared].unsqueeze(0).to(self.device), use_cache=True).past_key_values
+        hidden = decoder(input_ids=first[shared:].unsqueeze(0).to(self.device), past_key_values=cache, use_cache=True)
+        cache.crop(shared - cache.get_seq_length())  # a negative count: drop the first continuation again
+        other = decoder(input_ids=second[shared:].unsqueeze(0).to(self.device), past_key_values=cache, use_cache=True)
+        return (hidden.last_hidden_state[0, -response_len - 1 : -1], other.last_hidden_state[0, -response_len - 1 : -1])
 
     @torch.no_grad()
-    def _base_distributions(self, batch: list[TokenizedExample]) -> list[torch.Tensor]:
-        """The base model's log-softmax [T, V] at each response position: for the k3 leash and the guard."""
+    def _base_hidden(self, batch: list[TokenizedExample]) -> list[torch.Tensor]:
+        """The base model's hidden states [T, H] at each response position: for the k3 leash and the KL guard,
+        which project them to the vocabulary chunk by chunk (the head has no LoRA, so this is the base's output)."""
         with self._weights("base"):
-            return [
-                torch.log_softmax(self._response_logits(item.student_ids, item.response_ids.shape[0]), -1)
-                for item in batch
-            ]
+            return [self._response_hidden(item.student_ids, item.response_ids.shape[0]) for item in batch]
 
     # --- the step ---------------------------------------------------------------------------
     def step(self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig) -> StepResult:
@@ -272,18 +350,18 @@ class SDPOTrainer:
             rollouts = self._teacher_rollouts(own, config)
             rollout_seconds = time.perf_counter() - rollout_started
         batch = own + [rollout.example for rollout in rollouts]
-        targets = self._teacher_targets(own, config) + [rollout.target for rollout in rollouts]
         need_base = config.kl_weight > 0 or config.max_kl_to_base is not None
-        base_dists: list[torch.Tensor | None] = [None] * len(batch)
+        own_targets, own_base = self._teacher_and_base(own, config, need_base)
+        targets = own_targets + [rollout.target for rollout in rollouts]
+        base_hidden: list[torch.Tensor | None] = own_base + [None] * len(rollouts)
         if need_base:
-            unscored = iter(self._base_distributions([r.example for r in rollouts if r.base_logprobs is None]))
-            base_dists = self._base_distributions(own) + [
-                next(unscored) if rollout.base_logprobs is None else rollout.base_logprobs for rollout in rollouts
+            unscored = iter(self._base_hidden([r.example for r in rollouts if r.base_hidden is None]))
+            base_hidden = own_base + [
+                next(unscored) if rollout.base_hidden is None else rollout.base_hidden for rollout in rollouts
             ]
         base_logprobs = [  # the base's log-probs of the chosen tokens, for the k3 leash
-            None if dist is None or config.kl_weight == 0
-            else dist.gather(-1, item.response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
-            for item, dist in zip(batch, base_dists)
+            None if hidden is None or config.kl_weight == 0 else self._chosen_logprobs(hidden, item.response_ids)
+            for item, hidden in zip(batch, base_hidden)
         ]
 
         params = self._slot_params(STUDENT)
@@ -316,7 +394,7 @@ class SDPOTrainer:
             optimizer.step()
 
         if config.max_kl_to_base is not None:
-            kl_after = self._kl_to_base(batch, base_dists)
+            kl_after = self._kl_to_base(batch, base_hidden)
             metrics["kl_to_base_after"] = kl_after
             if not math.isfinite(kl_after) or kl_after > config.max_kl_to_base:
                 return self._reject(
@@ -356,34 +434,81 @@ class SDPOTrainer:
         config: TrainingConfig,
         total_tokens: int,
     ) -> dict[str, float]:
-        """Gradients of the token-mean SDPO loss over the batch, one example at a time; returns the sums."""
-        sums = {"loss": 0.0, "divergence": 0.0, "kl": 0.0, "ratio": 0.0, "clipped": 0.0}
-        dropout = self._slot_lora is not None and self._slot_lora.dropout > 0  # the only train-mode layers
+        """Gradients of the token-mean SDPO loss over the batch, one example at a time; returns the sums.
+
+        A long example is checkpointed (`training.gradient_checkpointing_tokens`): each layer keeps only its
+        input and recomputes the rest in the backward pass, so an agent's conversation costs a few hidden vectors
+        per token, not every intermediate activation of every layer (README, "Memory and long conversations").
+        """
+        sums = dict.fromkeys(LOSS_SUMS, 0.0)
+        threshold = config.gradient_checkpointing_tokens
         with self._weights(STUDENT):
-            if dropout:
-                self._peft.train()
+            self._peft.train()  # LoRA dropout and checkpointing act only in train mode; the base has no dropout
             try:
                 for item, target, chosen_base in zip(batch, targets, base_logprobs):
-                    out = sdpo_loss(
-                        self._response_logits(item.student_ids, item.response_ids.shape[0]),
-                        item.response_ids.to(self.device),
-                        target,
-                        alpha=config.alpha,
-                        is_clip=config.is_clip,
-                        kl_weight=config.kl_weight,
-                        base_logprobs=chosen_base,
-                        sampling_logprobs=None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device),
-                    )
-                    (out.loss_sum / total_tokens).backward()
-                    sums["loss"] += float(out.loss_sum.detach())
-                    sums["divergence"] += out.divergence_sum
-                    sums["kl"] += out.kl_sum
-                    sums["ratio"] += out.ratio_sum
-                    sums["clipped"] += out.clipped_count
+                    self._set_checkpointing(threshold is not None and item.student_ids.shape[0] >= threshold)
+                    hidden = self._response_hidden(item.student_ids, item.response_ids.shape[0])
+                    item_sums = self._loss_sums(hidden, item, target, chosen_base, config, scale=1.0 / total_tokens)
+                    for key, value in item_sums.items():
+                        sums[key] += value
             finally:
-                if dropout:
-                    self._peft.eval()
+                self._peft.eval()
         return sums
+
+    def _loss_sums(
+        self,
+        hidden: torch.Tensor,
+        item: TokenizedExample,
+        target: TeacherTopK,
+        chosen_base: torch.Tensor | None,
+        config: TrainingConfig,
+        scale: float | None,
+    ) -> dict[str, float]:
+        """The SDPO loss of one item from its student hidden states, a chunk of positions at a time.
+
+        With `scale`, the scaled loss is also backpropagated: each chunk's logits are freed after its own
+        backward into the hidden states, and the trunk is backpropagated once. The loss is a sum over positions,
+        so this is exactly the gradient of the whole at a fraction of the memory.
+        """
+        leaf = hidden.detach().requires_grad_(scale is not None)
+        response = item.response_ids.to(self.device)
+        sampling = None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device)
+        sums = dict.fromkeys(LOSS_SUMS, 0.0)
+        for chunk in self._chunks(hidden.shape[0]):
+            out = sdpo_loss(
+                self._logits(leaf[chunk]),
+                response[chunk],
+                target.rows(chunk),
+                alpha=config.alpha,
+                is_clip=config.is_clip,
+                kl_weight=config.kl_weight,
+                base_logprobs=None if chosen_base is None else chosen_base[chunk],
+                sampling_logprobs=None if sampling is None else sampling[chunk],
+            )
+            if scale is not None:
+                (out.loss_sum * scale).backward()
+            sums["loss"] += float(out.loss_sum.detach())
+            sums["divergence"] += out.divergence_sum
+            sums["kl"] += out.kl_sum
+            sums["ratio"] += out.ratio_sum
+            sums["clipped"] += out.clipped_count
+            sums["tokens"] += out.token_count
+        if scale is not None and leaf.grad is not None:
+            hidden.backward(leaf.grad)
+        return sums
+
+    def _set_checkpointing(self, enabled: bool) -> None:
+        """Gradient checkpointing of the decoder layers (it acts only in train mode), switched per example."""
+        if enabled == self._checkpointing:
+            return
+        if enabled:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Enabling also hooks the embeddings to make their output require grad, which only the reentrant
+            # variant needs; the hook would be added again at every switch.
+            self.base.disable_input_require_grads()
+        else:
+            self.base.gradient_checkpointing_disable()
+        self._checkpointing = enabled
 
     @staticmethod
     def _reject(state: AdapterState, metrics: dict[str, float], started: float, reason: str) -> StepResult:
@@ -438,8 +563,8 @@ class SDPOTrainer:
                     )
                     chosen = response.to(self.device).unsqueeze(-1)
                     with_feedback = torch.log_softmax(logits, -1).gather(-1, chosen).squeeze(-1)
-                    without = torch.log_softmax(self._response_logits(example.student_ids, len(row)), -1)
-                    gain = float((with_feedback - without.gather(-1, chosen).squeeze(-1)).mean())
+                    without = self._response_hidden(example.student_ids, len(row))
+                    gain = float((with_feedback - self._chosen_logprobs(without, response)).mean())
                     rollout = _Rollout(example, teacher_topk(logits, config.top_k), without if weights == "base" else None)
                     scored.append((gain, rollout))
                 scored.sort(key=lambda pair: pair[0], reverse=True)
@@ -470,7 +595,7 @@ class SDPOTrainer:
         return degenerate if 2 * len(degenerate) >= len(texts) else []
 
     @torch.no_grad()
-    def _kl_to_base(self, batch: list[TokenizedExample], base: list[torch.Tensor]) -> float:
+    def _kl_to_base(self, batch: list[TokenizedExample], base_hidden: list[torch.Tensor]) -> float:
         """Exact KL(student || base) over the whole vocabulary, per response position, token-mean.
 
         The k3 estimate on the chosen tokens is fine as a loss term but useless as a guard after a step: the
@@ -479,9 +604,12 @@ class SDPOTrainer:
         """
         total, count = 0.0, 0
         with self._weights(STUDENT):
-            for item, base_dist in zip(batch, base):
-                student = torch.log_softmax(self._response_logits(item.student_ids, item.response_ids.shape[0]), -1)
-                total += float((student.exp() * (student - base_dist)).sum())
+            for item, base in zip(batch, base_hidden):
+                student = self._response_hidden(item.student_ids, item.response_ids.shape[0])
+                for chunk in self._chunks(student.shape[0]):
+                    student_log = torch.log_softmax(self._logits(student[chunk]), -1)
+                    base_log = torch.log_softmax(self._logits(base[chunk]), -1)
+                    total += float((student_log.exp() * (student_log - base_log)).sum())
                 count += item.response_ids.shape[0]
         return total / max(count, 1)
 
@@ -493,16 +621,15 @@ class SDPOTrainer:
         """Token-mean GJSD between the student and the configured teacher on the given responses."""
         batch = self._tokenize(examples, config, state.learned_feedback)
         self._prepare(state)
-        targets = self._teacher_targets(batch, config)
-        total, count = 0.0, 0
+        targets, _ = self._teacher_and_base(batch, config, need_base=False)
+        config = config.model_copy(update={"kl_weight": 0.0})
+        total, count = 0.0, 0.0
         with self._weights(STUDENT):
             for item, target in zip(batch, targets):
-                out = sdpo_loss(
-                    self._response_logits(item.student_ids, item.response_ids.shape[0]),
-                    item.response_ids.to(self.device), target, alpha=config.alpha, is_clip=config.is_clip, kl_weight=0.0,
-                )
-                total += out.divergence_sum
-                count += out.token_count
+                hidden = self._response_hidden(item.student_ids, item.response_ids.shape[0])
+                sums = self._loss_sums(hidden, item, target, None, config, scale=None)
+                total += sums["divergence"]
+                count += sums["tokens"]
         return total / count
 
     @torch.no_grad()
@@ -518,7 +645,7 @@ class SDPOTrainer:
         ids = torch.tensor(list(prompt_ids) + list(response_ids), dtype=torch.long)
         response = torch.tensor(list(response_ids), dtype=torch.long)
         with self._weights(self._select(state)):
-            return float(self._chosen_logprobs(ids, response).sum())
+            return float(self._chosen_logprobs(self._response_hidden(ids, response.shape[0]), response).sum())
 
     @torch.no_grad()
     def generate(
