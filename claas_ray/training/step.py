@@ -625,7 +625,6 @@ class SDPOTrainer:
         batch = self._tokenize(examples, config, state.learned_feedback)
         self._prepare(state)
         targets, _ = self._teacher_and_base(batch, config, need_base=False)
-        config = config.model_copy(update={"kl_weight": 0.0})
         total, count = 0.0, 0.0
         with self._weights(STUDENT):
             for item, target in zip(batch, targets):
