@@ -1,8 +1,8 @@
 """Feedback-to-served latency: POST /v1/feedback until the first completion from the new version.
 
 Runs the app (configs/local.yaml, one inference replica) in a local Ray cluster, then for each round:
-chat with the adapter, send feedback on that completion, and probe (1-token chats) until a response
-reports the new version. The split (queue, train, publish, broadcast, load) comes from the feedback's
+chat with the adapter, send feedback on that completion, wait until it is applied (every replica has the
+new version), and ask once more (a 1-token chat, checked to come from the new version). The split (queue, train, publish, broadcast, load) comes from the feedback's
 own metrics. The baseline, in the same run after the app is gone: the bare `SDPOTrainer.step` on the
 very same examples, with the thread count the trainer actor gets (Ray gives an actor one thread per
 reserved CPU), and for reference with every core. Prints JSON; the tracked figure is `ratio.end_to_end_vs_bare_step` (target <= 1.3).
@@ -22,7 +22,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 PROMPTS = ["Tell me about dogs.", "Describe the sea.", "What is a good breakfast?", "Explain rain.", "Why do cats purr?"]
-FEEDBACK = "Answer only in French."
+FEEDBACK = "Answer in one short sentence."  # a preference the embedded model learns cleanly (French trips the collapse guard)
+POLL_INTERVAL_S = 0.25
+"""Between looks at the feedback's status: the figure's resolution."""
 
 
 def end_to_end_phase(base: str, rounds: int, max_tokens: int) -> tuple[list[dict], list[str]]:
@@ -40,17 +42,17 @@ def end_to_end_phase(base: str, rounds: int, max_tokens: int) -> tuple[list[dict
         accepted = client.post("/v1/feedback", json={"completion_id": chat["id"], "feedback": FEEDBACK}).json()
         acknowledged = time.perf_counter() - started
         feedback_id = accepted["items"][0]["id"]
-        while True:  # probe until the new version answers
-            probe = client.post("/v1/chat/completions", json={"model": "bench/latency", "messages": messages, "max_tokens": 1}).json()
-            if probe["claas"]["adapter_version"] > old_version:
-                break
-            time.sleep(0.05)
-        served = time.perf_counter() - started
-        # The new version can answer before `applied` (it is published, then broadcast); the split is
-        # in the item's metrics once the broadcast is acknowledged.
+        # Wait for the outcome by the feedback's status (the router's journal, not the engine), then ask: an item
+        # is `applied` once every replica acknowledged its version, so that first chat is the new version's.
+        # Probing the engine meanwhile loaded the CPU it shares with the step it measures.
         while (status := client.get(f"/v1/feedback/{feedback_id}").json())["status"] in ("queued", "training"):
-            time.sleep(0.05)
-        assert status["status"] == "applied", status
+            time.sleep(POLL_INTERVAL_S)
+        if status["status"] == "rejected":  # a guard refused the step: nothing new to serve
+            results.append({"rejected": status["reason"], "seconds": time.perf_counter() - started})
+            continue
+        probe = client.post("/v1/chat/completions", json={"model": "bench/latency", "messages": messages, "max_tokens": 1}).json()
+        assert probe["claas"]["adapter_version"] > old_version, (probe["claas"], status)
+        served = time.perf_counter() - started
         m = status["metrics"]
         results.append({
             "end_to_end_s": served, "ack_s": acknowledged, "queue_s": m["queue_s"], "train_s": m["train_s"],
@@ -90,25 +92,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--serving-cores", help="serving.cpu_cores for the app, e.g. 0 (default: vLLM chooses)")
+    parser.add_argument("--trainer-cores", help="trainer.cpu_cores for the app, e.g. 1 (default: any core)")
     args = parser.parse_args()
 
     from local_app import LocalApp
 
     from claas_ray.config import load_config
+    from claas_ray.cpu_cores import parse_cpu_list
 
     app = LocalApp()
+    if args.serving_cores:
+        app.args["serving"]["cpu_cores"] = args.serving_cores
+    if args.trainer_cores:
+        app.args.setdefault("trainer", {})["cpu_cores"] = args.trainer_cores
     with app.serving() as base:
         rounds, completion_ids = end_to_end_phase(base, args.rounds, args.max_tokens)
     workdir, app_args = app.workdir, app.args
-    trainer_threads = int(max(1, load_config(app_args).trainer.num_cpus))
+    settings = load_config(app_args).trainer
+    trainer_threads = settings.torch_threads or (
+        len(parse_cpu_list(settings.cpu_cores)) if settings.cpu_cores else int(max(1, settings.num_cpus)))
     bare = bare_step_phase(workdir / "state", completion_ids, repeats=1, threads=trainer_threads)
     bare_all_cores = bare_step_phase(workdir / "state", completion_ids, repeats=1, threads=os.cpu_count() or 1)
 
-    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    applied = [r for r in rounds if "rejected" not in r]  # a refused step publishes nothing to time
+    median = {key: statistics.median(r[key] for r in applied) for key in applied[0]}
     report = {
         "benchmark": "feedback_latency",
         "rounds": rounds,
         "median": median,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPUs",
+        "cores": {"serving": args.serving_cores, "trainer": args.trainer_cores},
         "bare_step_threads": trainer_threads,
         "bare_step_median_s": statistics.median(bare),
         "bare_step_all_cores_median_s": statistics.median(bare_all_cores),

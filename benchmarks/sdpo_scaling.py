@@ -143,8 +143,11 @@ def _plot(report: dict, baseline: dict | None, path: Path) -> None:
         for variant, points in run["results"].items():
             done = [p for p in points if "peak_above_loaded_mb" in p]
             xs = [p["conversation_tokens"] for p in done]
-            memory.plot(xs, [p["peak_above_loaded_mb"] / 1024 for p in done], style, marker="o", label=f"{variant} ({label})")
-            seconds.plot(xs, [p["step_seconds"] for p in done], style, marker="o", label=f"{variant} ({label})")
+            color = {"sdpo": "C0", "sdpo_core": "C1", "plain_ce": "C2"}.get(variant)
+            memory.plot(xs, [p["peak_above_loaded_mb"] / 1024 for p in done], style, marker="o", color=color,
+                        label=f"{variant} ({label})")
+            if run.get("times_comparable", True):  # false for a run that shared the machine: its memory still counts
+                seconds.plot(xs, [p["step_seconds"] for p in done], style, marker="o", color=color, label=f"{variant} ({label})")
     memory.axhline(4.0, color="grey", linewidth=0.8)
     memory.set(xlabel="conversation tokens (answer 128)", ylabel="peak RSS above the loaded model (GB)", title="Memory")
     seconds.set(xlabel="conversation tokens (answer 128)", ylabel="seconds", title="Step time")

@@ -31,7 +31,7 @@ def _models_pull(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from deployments.launch import DEFAULT_CONFIG, serve_config
 
-    serve_config(args.config or DEFAULT_CONFIG, address=args.address, port=args.port)
+    serve_config(args.config or DEFAULT_CONFIG, address=args.address, port=args.port, dashboard_port=args.dashboard_port)
     return 0
 
 
@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="Ray address to join ('auto' for this machine's running cluster, or host:port); 'local' starts a new "
                        "one on 127.0.0.1 (default: join RAY_ADDRESS, else a running local cluster, else start one on 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port, overriding the YAML's http_options.port")
+    serve.add_argument("--dashboard-port", type=int, default=8265,
+                       help="Ray dashboard (and `ray job submit`) port on 127.0.0.1 when a cluster is started here")
     serve.set_defaults(handler=_serve)
 
     replay = commands.add_parser("replay", help="send feedback from a JSONL file through the API and wait")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -21,6 +22,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from claas_ray.cpu_cores import parse_cpu_list
+
+
+def _cpu_list(text: str) -> str:
+    parse_cpu_list(text)  # ValueError with the reason
+    return text
+
+
+CpuList = Annotated[str, AfterValidator(_cpu_list)]
+"""A Linux CPU list ("0", "2-5", "0,4-7"), checked when the config loads (which cores exist is checked on the node)."""
 
 ENV_PREFIX = "CLAAS_RAY__"
 """Environment overrides: `CLAAS_RAY__TRAINING__LEARNING_RATE=1e-4` sets `training.learning_rate`."""
@@ -174,7 +186,8 @@ class ModelConfig(StrictModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Training dtype: auto is float32 on the CPU and bfloat16 on CUDA."
+        "auto", description="Training dtype: auto is bfloat16 on CUDA and on CPUs that multiply bf16 natively "
+        "(AVX512-BF16, AMX, Arm BF16), float32 on other CPUs."
     )
     max_model_len: int = Field(1024, ge=64, description="Longest prompt + response in tokens.")
 
@@ -248,6 +261,11 @@ class ServingConfig(StrictModel):
     enforce_eager: bool = Field(True, description="Skip graph capture: faster start, fine on the CPU.")
     max_num_seqs: int = Field(16, ge=1, description="Concurrent sequences per engine.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Serving dtype.")
+    cpu_cores: CpuList | None = Field(
+        None,
+        description="CPU build: the cores each inference engine's compute threads are bound to, as a CPU list ('0', "
+        "'0-3'; vLLM's VLLM_CPU_OMP_THREADS_BIND). Every replica on a node takes the same ones. None: vLLM chooses.",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM AsyncEngineArgs, passed through as they are."
     )
@@ -291,6 +309,12 @@ class TrainerConfig(StrictModel):
         10, ge=0, le=19,
         description="Added to the CPU niceness of the thread that runs steps (and the threads it starts): where steps "
         "and serving share cores (the CPU build), serving comes first and a step under load takes longer. 0: equal.",
+    )
+    cpu_cores: CpuList | None = Field(
+        None,
+        description="The cores the trainer's process runs on, as a CPU list ('1', '4-7'); its step uses one thread per core "
+        "unless torch_threads says otherwise. Give it cores the engines do not use (serving.cpu_cores) where the "
+        "machine has them. None: any core, as Ray gives it.",
     )
     max_batch_items: int = Field(8, ge=1, le=256, description="Most feedback items of one adapter in one step.")
     max_pending_per_adapter: int = Field(64, ge=1, description="Queued items per adapter before 429.")

@@ -53,10 +53,13 @@ def local_cluster_environment() -> None:
 
 
 def serve_config(
-    path: str | Path, address: str | None = None, port: int | None = None, block: bool = True, ready_timeout_s: float = 900
+    path: str | Path, address: str | None = None, port: int | None = None, block: bool = True, ready_timeout_s: float = 900,
+    dashboard_port: int = 8265,
 ) -> list[str]:
     """Deploy every application in a serve YAML and wait until each answers; returns their API URLs.
 
+    A cluster started here gets Ray's dashboard on 127.0.0.1:`dashboard_port`, so `ray job submit` (replay and
+    evaluation jobs) works against it as against a `ray start --head` cluster; a joined cluster keeps its own.
     With `block`, keeps serving until Ctrl-C or SIGTERM, then shuts the applications down.
     """
     if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
@@ -74,7 +77,8 @@ def serve_config(
     if open_apps and host not in LOOPBACK:
         raise ValueError(f"auth is off for {open_apps} (auth.enabled: false): serve it on 127.0.0.1, not {host}")
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        ray.init(address=address, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                 configure_logging=False)
     serve.start(proxy_location=spec.get("proxy_location", "HeadOnly"), http_options=http_options)
     urls = []
     for application in spec["applications"]:

@@ -16,6 +16,7 @@ from ray import serve
 from claas_ray.adapters.store import AdapterExistsError, AdapterVersionMeta
 from claas_ray.backends import open_step_backend
 from claas_ray.config import ClaasConfig, LoraConfig
+from claas_ray.cpu_cores import available_cores, pin_process
 from claas_ray.feedback.journal import FeedbackJournal
 from claas_ray.stores import open_store
 from claas_ray.training.worker import TrainerLoop
@@ -26,10 +27,16 @@ from deployments.broadcast import AdapterBroadcaster, BroadcastReplicas, PollRes
 class TrainerDeployment:
     async def __init__(self, config: dict[str, Any]):
         self.config = ClaasConfig.model_validate(config)
-        if self.config.trainer.torch_threads is not None:
+        settings = self.config.trainer
+        threads = settings.torch_threads
+        if settings.cpu_cores is not None:
+            cores = available_cores(settings.cpu_cores, "trainer.cpu_cores")
+            pin_process(cores)
+            threads = threads or len(cores)
+        if threads is not None:
             # Ray gives an actor as many threads as CPUs it reserved. On the CPU build, vLLM spins on
-            # the core it binds to, so more threads than reserved cores make a step slower, not faster.
-            torch.set_num_threads(self.config.trainer.torch_threads)
+            # the core it binds to, so more threads than free cores make a step slower, not faster.
+            torch.set_num_threads(threads)
         self.store = open_store(self.config.store)
         self.broadcaster = AdapterBroadcaster(poll_timeout_s=self.config.trainer.poll_timeout_s)
         backend = await asyncio.to_thread(open_step_backend, self.config, self.store)  # loads the model

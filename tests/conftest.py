@@ -21,11 +21,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def trainer():
-    """The real SDPO trainer on the embedded SmolLM2-135M model (pulled on demand)."""
+    """The real SDPO trainer on the embedded SmolLM2-135M model (pulled on demand), in the shipped training dtype
+    unless CLAAS_RAY_TEST_DTYPE names another (how the learning tests compare float32 and bfloat16)."""
     from claas_ray.config import ModelConfig
     from claas_ray.training import SDPOTrainer
 
-    return SDPOTrainer(ModelConfig(max_model_len=8192))  # the embedded model's whole context, as configs/local.yaml
+    dtype = os.environ.get("CLAAS_RAY_TEST_DTYPE", "auto")
+    return SDPOTrainer(ModelConfig(max_model_len=8192, dtype=dtype))  # the whole context, as configs/local.yaml
+
+
+@pytest.fixture(scope="session")
+def fp32_trainer():
+    """The trainer in float32, for tests that two ways of computing a step agree to float32 precision (bf16 keeps
+    about three significant digits, and a different split of the same sum rounds differently)."""
+    from claas_ray.config import ModelConfig
+    from claas_ray.training import SDPOTrainer
+
+    return SDPOTrainer(ModelConfig(max_model_len=8192, dtype="float32"))
 
 
 # --- a real local Ray cluster and the real app, once per session -------------------------------
@@ -122,17 +134,19 @@ def orphan_engines() -> list:
 
 
 @contextlib.contextmanager
-def claas_ray_serve(config: Path, log_path: Path, port: int):
+def claas_ray_serve(config: Path, log_path: Path, port: int, dashboard_port: int | None = None):
     """`claas-ray serve --address local` (a fresh cluster of its own) until the block ends, then SIGTERM.
 
     `tests/` is on its PYTHONPATH (inherited by the cluster's workers), so a config may name the tests' stand-ins.
+    The cluster's dashboard (`ray job submit`) is on 127.0.0.1:`dashboard_port`, a free port unless given.
     """
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     env.pop("RAY_ADDRESS", None)
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "claas-ray"), "serve", "--config", str(config), "--address", "local"],
+            [str(VENV_BIN / "claas-ray"), "serve", "--config", str(config), "--address", "local",
+             "--dashboard-port", str(dashboard_port or free_port())],
             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
@@ -168,6 +182,12 @@ def ray_cluster(tmp_path_factory):
     cluster.stop()
 
 
+# The session app tests the service's plumbing (queues, versions, broadcast, restarts, auth, the APIs), which does
+# not depend on the recipe: its steps skip the teacher's rollouts and the collapse guard and make one update, not
+# two: a few seconds on a short item instead of 25. That the shipped recipe teaches is asserted on an app that
+# runs configs/local.yaml as shipped (test_eval_run.py) and in-process (test_learning.py); the collapse guard
+# through an app in test_cli_serve.py.
+PLUMBING_TRAINING = {"teacher_rollouts": 0, "collapse_check_tokens": None, "optimizer_steps": 1}
 ADMIN_KEY = f"sk-claas-admin-{uuid.uuid4().hex}"
 TENANT_KEYS = {name: f"sk-claas-{name}-{uuid.uuid4().hex}" for name in ("alice", "bob", "openclaw")}
 MAX_PENDING_PER_ADAPTER = 24
@@ -181,7 +201,8 @@ def sha256_hex(key: str) -> str:
 
 @pytest.fixture(scope="session")
 def app(ray_cluster, tmp_path_factory):
-    """configs/local.yaml deployed with `serve deploy` on the session cluster: 2 inference replicas, auth on.
+    """configs/local.yaml deployed with `serve deploy` on the session cluster: 2 inference replicas, auth on, the
+    plumbing recipe (PLUMBING_TRAINING).
 
     The admin key is in the config; the tenants' keys are SHA-256 digests in a keys file.
     """
@@ -194,7 +215,7 @@ def app(ray_cluster, tmp_path_factory):
         ROOT / "configs" / "local.yaml", workdir / "serve.yaml", port,
         {
             "serving": {"num_replicas": 2, "replica_num_cpus": 1},
-            # The shipped training defaults: the in-suite evaluation asserts that they teach.
+            "training": PLUMBING_TRAINING,
             "store": {"root": str(workdir / "adapters")},
             "state_dir": str(workdir / "state"),
             "trainer": {"max_pending_per_adapter": MAX_PENDING_PER_ADAPTER, "tmpfs_dir": str(scratch)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import psutil
 import pytest
 from conftest import ROOT, claas_ray_serve, free_port, write_serve_config
 
@@ -12,18 +13,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """configs/local.yaml through `claas-ray serve`, with a learning rate 50x too high and the KL guard off (so a
-    step on a degenerate response collapses the adapter), re-init as a conflict, and per-request learning rate
-    and KL weight allowed (auth is off: every caller is an admin)."""
+    step on a degenerate response collapses the adapter), re-init as a conflict, per-request learning rate
+    and KL weight allowed (auth is off: every caller is an admin), and serving and training on cores of their own."""
     tmp_path = tmp_path_factory.mktemp("cli-serve")
     port = free_port()
     config = write_serve_config(
         ROOT / "configs" / "local.yaml", tmp_path / "serve.yaml", port,
         {"store": {"root": str(tmp_path / "adapters")}, "state_dir": str(tmp_path / "state"),
          "training": {"learning_rate": 5e-2, "optimizer_steps": 2, "max_kl_to_base": None, "teacher_rollouts": 0},
+         "serving": {"cpu_cores": "0"}, "trainer": {"cpu_cores": "1"},
          "router": {"reinit": "conflict", "request_training": ["learning_rate", "kl_weight"]}},
     )
     with claas_ray_serve(config, tmp_path / "serve.log", port) as process:
-        yield f"http://127.0.0.1:{port}", tmp_path / "serve.log"
+        yield f"http://127.0.0.1:{port}", tmp_path / "serve.log", process.pid
     assert process.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 
@@ -33,7 +35,7 @@ def test_claas_ray_serve_runs_the_local_config_and_the_collapse_guard_rejects(se
     feedback says why. (The KL guard's rejection is tested in-process, test_trainer_step.py.)"""
     from openai import OpenAI
 
-    base, log_path = served
+    base, log_path, _ = served
     client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
     reply = client.chat.completions.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
@@ -61,7 +63,7 @@ def test_claas_ray_serve_runs_the_local_config_and_the_collapse_guard_rejects(se
 def test_reinit_conflict_and_per_request_training_settings_for_admins(served):
     """`router.reinit: conflict` keeps an existing adapter (409); `router.request_training` lets an admin's
     CLaaS-shaped feedback set the learning rate and KL weight of its own step, within bounds."""
-    base, _ = served
+    base, _, _ = served
     assert httpx.post(f"{base}/v1/lora/init", json={"lora_id": "sweep/s"}, timeout=120).status_code == 201
     again = httpx.post(f"{base}/v1/lora/init", json={"lora_id": "sweep/s"}, timeout=120)
     assert again.status_code == 409 and again.json()["error"]["code"] == "lora_exists"
@@ -79,3 +81,22 @@ def test_reinit_conflict_and_per_request_training_settings_for_admins(served):
     assert tuned.json()["distill_result"]["metadata"]["total_loss"] > 0
     refused = feedback({"learning_rate": 1.0})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "items.0.training.learning_rate"
+
+
+def test_serving_and_training_run_on_the_cores_the_config_gives_them(served):
+    """`serving.cpu_cores: "0"` and `trainer.cpu_cores: "1"`: the engine's worker and the trainer are pinned; the
+    replica and the engine's scheduler are not (a scheduler pinned beside the spinning worker starves)."""
+    _, _, pid = served
+    pinned: dict[str, set[tuple[int, ...]]] = {}
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            title = " ".join(process.cmdline())
+            role = next((name for name in ("VLLM::EngineCore", "VLLM::Worker", "ServeReplica:claas-ray:inference",
+                                           "ServeReplica:claas-ray:trainer") if name in title), None)
+            if role:
+                pinned.setdefault(role, set()).add(tuple(process.cpu_affinity()))
+        except psutil.NoSuchProcess:  # a short-lived helper that ended meanwhile
+            continue
+    everywhere = tuple(sorted(psutil.Process().cpu_affinity()))
+    assert pinned == {"VLLM::EngineCore": {everywhere}, "VLLM::Worker": {(0,)},
+                      "ServeReplica:claas-ray:inference": {everywhere}, "ServeReplica:claas-ray:trainer": {(1,)}}, pinned

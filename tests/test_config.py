@@ -86,3 +86,30 @@ def test_commands_that_need_no_cluster_do_not_import_ray():
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'deployments'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_cpu_cores_are_cpu_lists_checked_against_the_node():
+    config = load_config({"serving": {"cpu_cores": "0"}, "trainer": {"cpu_cores": "0,0-0"}}, environ={})
+    assert config.serving.cpu_cores == "0" and config.trainer.cpu_cores == "0,0-0"
+    for bad in ("3-1", "one", "1,", " 1"):
+        with pytest.raises(ConfigError, match=r"trainer\.cpu_cores"):
+            load_config({"trainer": {"cpu_cores": bad}}, environ={})
+
+    from claas_ray.cpu_cores import available_cores, parse_cpu_list
+
+    assert parse_cpu_list("4-6,0,5") == [0, 4, 5, 6]
+    with pytest.raises(ValueError, match=r"serving\.cpu_cores: CPUs \[4096\] are not available"):
+        available_cores("0,4096", "serving.cpu_cores")
+
+
+def test_pinned_process_and_the_threads_it_starts_run_on_its_cores():
+    """What the trainer does with `trainer.cpu_cores`, in a process of its own."""
+    code = (
+        "import os, threading; from claas_ray.cpu_cores import pin_process; seen = []; go = threading.Event()\n"
+        "report = lambda: seen.append(str(sorted(os.sched_getaffinity(0))))\n"
+        "earlier = threading.Thread(target=lambda: (go.wait(), report())); earlier.start()\n"
+        "pin_process([0]); go.set(); earlier.join()\n"
+        "later = threading.Thread(target=report); later.start(); later.join(); report(); print(*seen)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.split() == ["[0]", "[0]", "[0]"], out  # a thread started before, one after, the main thread

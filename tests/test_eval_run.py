@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
-from conftest import VENV_BIN
+from conftest import ROOT, VENV_BIN, claas_ray_serve, free_port, write_serve_config
 
 from claas_ray.eval.runner import EvalReport
 
 pytestmark = pytest.mark.slow
 
 
-def test_eval_job_teaches_a_preference(app, tmp_path):
-    """Reduced run with the shipped defaults: `concise` on 8 held-out prompts, 4 feedback events."""
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """`claas-ray serve` of configs/local.yaml as shipped (only its port and folders moved): the session app
+    trains with a cheaper recipe, and this test is what asserts that the shipped one teaches."""
+    workdir = tmp_path_factory.mktemp("shipped")
+    port, dashboard_port = free_port(), free_port()
+    config = write_serve_config(ROOT / "configs" / "local.yaml", workdir / "serve.yaml", port,
+                                {"store": {"root": str(workdir / "adapters")}, "state_dir": str(workdir / "state")})
+    with claas_ray_serve(config, workdir / "serve.log", port, dashboard_port=dashboard_port):
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
+
+
+def test_eval_job_teaches_a_preference(shipped, tmp_path):
+    """Reduced run with the shipped defaults, submitted as a Ray job to the cluster `claas-ray serve` started
+    (the README's commands): `concise` on 8 held-out prompts, 4 feedback events."""
+    base_url, dashboard = shipped
     output = tmp_path / "eval"
-    result = app.cluster.run(
-        str(VENV_BIN / "ray"), "job", "submit", "--address", app.cluster.dashboard, "--runtime-env-json", app.job_env(), "--",
-        "claas-ray", "eval", "--url", app.base_url, "--preference", "concise", "--steps", "4", "--eval-every", "4",
-        "--heldout-limit", "8", "--output", str(output),
+    result = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", dashboard, "--",
+         "claas-ray", "eval", "--url", base_url, "--preference", "concise", "--steps", "4", "--eval-every", "4",
+         "--heldout-limit", "8", "--output", str(output)],
+        env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}"), cwd=ROOT, capture_output=True, text=True,
         timeout=900, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

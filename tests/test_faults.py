@@ -169,6 +169,13 @@ def test_dead_engine_takes_its_replica_out_and_callers_get_503_with_retry_after(
             time.sleep(0.5)
         else:
             raise AssertionError(f"the replica with the dead engine was not replaced: {replica_pids('inference')}")
-    # The new replica serves: every request answers again.
-    assert all(response.status_code == 200 for response in [ask() for _ in range(4)])
+    # The new replica serves: every request answers again, and both replicas answer (the next test's steps then
+    # reach two live replicas, not one and a dead one still within the feed's liveness window).
+    answered_by: set[str] = set()
+    deadline = time.monotonic() + 300
+    while len(answered_by) < 2 and time.monotonic() < deadline:
+        responses = [ask() for _ in range(4)]
+        assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
+        answered_by |= {response.headers["x-claas-replica"] for response in responses}
+    assert len(answered_by) == 2, answered_by
     print(f"statuses while the engine was dead: {statuses.count(200)} x 200, {statuses.count(503)} x 503")

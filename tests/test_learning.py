@@ -58,7 +58,7 @@ def test_feedback_moves_student_toward_teacher(trainer, prompt, feedback):
         accepted += result.accepted
         state = result.state
         history.append((step, result.accepted, round(result.metrics["divergence"], 4), text[:60]))
-    assert accepted >= 2, history  # seen: French 3 of 8 (the rest refused as collapse)
+    assert accepted >= 2, history  # seen: French 5 of 8 in bf16, 3 of 8 in fp32 (the rest refused as collapse)
 
     # SDPO's objective: the student's own (greedy) answer, scored by the hindsight teacher, disagrees less.
     final_text, final_ids = trainer.generate(state, messages, max_new_tokens=48)
@@ -68,7 +68,8 @@ def test_feedback_moves_student_toward_teacher(trainer, prompt, feedback):
     report = f"teacher said {teacher_text!r}; history {history}; final {final_text!r}; on-policy divergence {divergence_before:.4f} -> {divergence_after:.4f}; teacher logprob {teacher_logprob_before:.2f} -> {teacher_logprob_after:.2f}"
     print(report)
     assert divergence_after < divergence_before, report
-    # The hindsight teacher's own answer became at least e^3 = 20 times likelier (seen: +10 and +7 nats).
+    # The hindsight teacher's own answer became at least e^3 = 20 times likelier (seen: +21 and +33 nats in bf16,
+    # +10 and +7 in fp32).
     assert teacher_logprob_after > teacher_logprob_before + 3.0, report
     # The base model is untouched: bit-identical weights, identical base scoring.
     assert base_fingerprint(trainer) == fingerprint

@@ -167,20 +167,20 @@ def test_examples_longer_than_max_step_tokens_are_refused_before_any_work(traine
         trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, max_step_tokens=16))
 
 
-def test_own_response_head_scores_exactly_as_inside_the_whole_response(trainer):
+def test_own_response_head_scores_exactly_as_inside_the_whole_response(fp32_trainer):
     """`own_response_tokens` trains on the head of the user's response: every pass sees the same logits for those
     tokens as it would on the whole response (the rest is cut off, not computed and masked)."""
-    state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=12)
-    trained = trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-2)).state
-    (whole,) = trainer._tokenize([EXAMPLE], TrainingConfig())
+    state = fp32_trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=12)
+    trained = fp32_trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-2)).state
+    (whole,) = fp32_trainer._tokenize([EXAMPLE], TrainingConfig())
     head = whole.head(4)
     assert head.response_ids.tolist() == whole.response_ids[:4].tolist()
     assert head.student_ids.tolist() == whole.student_ids[: whole.student_start + 4].tolist()
     assert head.teacher_ids.tolist() == whole.teacher_ids[: whole.teacher_start + 4].tolist()
     assert whole.head(None) is whole and whole.head(10_000) is whole
-    trainer._prepare(trained)
+    fp32_trainer._prepare(trained)
     for weights, ids, head_ids in (("student", whole.student_ids, head.student_ids), ("base", whole.teacher_ids, head.teacher_ids)):
-        with torch.no_grad(), trainer._weights(weights):
-            full = trainer._logits(trainer._response_hidden(ids, whole.response_ids.shape[0]))
-            cut = trainer._logits(trainer._response_hidden(head_ids, 4))
+        with torch.no_grad(), fp32_trainer._weights(weights):
+            full = fp32_trainer._logits(fp32_trainer._response_hidden(ids, whole.response_ids.shape[0]))
+            cut = fp32_trainer._logits(fp32_trainer._response_hidden(head_ids, 4))
         torch.testing.assert_close(cut, full[:4], rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ import psutil
 
 from claas_ray.adapters.store import AdapterStore
 from claas_ray.config import ClaasConfig
+from claas_ray.cpu_cores import available_cores
 from claas_ray.models.registry import resolve_model_path
 from claas_ray.protocol.generation import (
     GenerationDelta,
@@ -74,6 +75,12 @@ class VllmEngine:
     def __init__(self, config: ClaasConfig, store: AdapterStore, replica: str = "local"):
         # vLLM's engine <-> worker queues otherwise bind to the machine's external address.
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        if config.serving.cpu_cores is not None:
+            # The engine's worker binds its compute threads to these cores (read by vLLM in the process it starts).
+            # The replica and the engine's scheduler are not pinned with it: the worker spins on its cores, and a
+            # scheduler sharing them starved (a pinned one-core engine stopped answering).
+            available_cores(config.serving.cpu_cores, "serving.cpu_cores")
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.serving.cpu_cores
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.config = config

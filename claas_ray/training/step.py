@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -90,8 +92,21 @@ def pick_device(preference: str) -> torch.device:
 
 def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
     if preference == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     return getattr(torch, preference)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm's BF16 extension).
+
+    There a step in bf16 took 0.6x to 0.7x the time of fp32 and taught as well (README, "Training dtype");
+    elsewhere bf16 is emulated and slower, so fp32 stays.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", cpuinfo) is not None
 
 
 class SDPOTrainer:

@@ -9,9 +9,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 : "${CLAAS_URL:?the claas-ray base URL, e.g. http://127.0.0.1:8000}"
 : "${CLAAS_API_KEY:?a claas-ray key of the tenant that owns openclaw/...}"
 model=${CLAAS_MODEL:-smollm2-135m}           # the base model's served name
-context=${CLAAS_CONTEXT_WINDOW:-4096}        # at most the server's model.max_model_len; 4096 keeps a turn trainable (training.max_step_tokens)
-# Answers are capped: OpenClaw sends no limit of its own, and an answer is also what one SDPO step trains on.
-# The provider-level cap applies to the per-user adapter ids too (they are not in the models list).
+context=${CLAAS_CONTEXT_WINDOW:-8192}        # at most the server's model.max_model_len (configs/local.yaml: 8192)
+# Answers are capped: OpenClaw sends no limit of its own, so the server would generate all the context left,
+# minutes of decoding for a small model on a CPU. Not for memory: a step takes a whole conversation up to the
+# model's context. The provider-level cap applies to the per-user adapter ids too (they are not in the models list).
 max_tokens=${CLAAS_MAX_TOKENS:-64}
 # How long `/feedback` waits for the step's outcome: a step on an agent's long context takes minutes on a CPU.
 wait_seconds=${CLAAS_FEEDBACK_WAIT_SECONDS:-300}
