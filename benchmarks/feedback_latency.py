@@ -99,7 +99,6 @@ def main() -> None:
     from local_app import LocalApp
 
     from claas_ray.config import load_config
-    from claas_ray.cpu_cores import parse_cpu_list
 
     app = LocalApp()
     if args.serving_cores:
@@ -110,8 +109,7 @@ def main() -> None:
         rounds, completion_ids = end_to_end_phase(base, args.rounds, args.max_tokens)
     workdir, app_args = app.workdir, app.args
     settings = load_config(app_args).trainer
-    trainer_threads = settings.torch_threads or (
-        len(parse_cpu_list(settings.cpu_cores)) if settings.cpu_cores else int(max(1, settings.num_cpus)))
+    trainer_threads = settings.step_threads() or int(max(1, settings.num_cpus))
     bare = bare_step_phase(workdir / "state", completion_ids, repeats=1, threads=trainer_threads)
     bare_all_cores = bare_step_phase(workdir / "state", completion_ids, repeats=1, threads=os.cpu_count() or 1)
 

@@ -327,6 +327,12 @@ class TrainerConfig(StrictModel):
     poll_timeout_s: float = Field(10.0, gt=0, description="Long-poll period of the replicas' adapter feed.")
     tmpfs_dir: str = Field("/dev/shm/claas-ray", description="Where replicas materialise broadcast versions.")
 
+    def step_threads(self) -> int | None:
+        """Threads a step uses: `torch_threads`, else one per core of `cpu_cores`; None leaves Ray's (one per
+        reserved CPU)."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return len(parse_cpu_list(self.cpu_cores)) if self.cpu_cores is not None else None
 
 class RouterConfig(StrictModel):
     """The HTTP ingress."""

@@ -28,11 +28,9 @@ class TrainerDeployment:
     async def __init__(self, config: dict[str, Any]):
         self.config = ClaasConfig.model_validate(config)
         settings = self.config.trainer
-        threads = settings.torch_threads
         if settings.cpu_cores is not None:
-            cores = available_cores(settings.cpu_cores, "trainer.cpu_cores")
-            pin_process(cores)
-            threads = threads or len(cores)
+            pin_process(available_cores(settings.cpu_cores, "trainer.cpu_cores"))
+        threads = settings.step_threads()
         if threads is not None:
             # Ray gives an actor as many threads as CPUs it reserved. On the CPU build, vLLM spins on
             # the core it binds to, so more threads than free cores make a step slower, not faster.

@@ -91,6 +91,9 @@ def test_commands_that_need_no_cluster_do_not_import_ray():
 def test_cpu_cores_are_cpu_lists_checked_against_the_node():
     config = load_config({"serving": {"cpu_cores": "0"}, "trainer": {"cpu_cores": "0,0-0"}}, environ={})
     assert config.serving.cpu_cores == "0" and config.trainer.cpu_cores == "0,0-0"
+    assert config.trainer.step_threads() == 1  # one thread per pinned core
+    assert load_config({"trainer": {"cpu_cores": "0-3", "torch_threads": 2}}, environ={}).trainer.step_threads() == 2
+    assert load_config({}, environ={}).trainer.step_threads() is None  # Ray's choice
     for bad in ("3-1", "one", "1,", " 1"):
         with pytest.raises(ConfigError, match=r"trainer\.cpu_cores"):
             load_config({"trainer": {"cpu_cores": bad}}, environ={})
