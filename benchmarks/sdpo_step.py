@@ -78,6 +78,7 @@ def _measure(variant: str, steps: int, response_tokens: int, queue) -> None:
             "min_step_seconds": min(times),
             "tokens_per_step": len(ids),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "dtype": str(trainer.dtype).removeprefix("torch."),
             "steps": steps,
             **({f"median_{key}": statistics.median(values) for key, values in parts.items()} if parts["rollout_seconds"] else {}),
         }
@@ -112,15 +113,12 @@ def main() -> None:
         process.start()
         results[variant] = queue.get()
         process.join()
-    from claas_ray.config import ModelConfig
-    from claas_ray.training.step import pick_device, pick_dtype
-
     core, plain = results["sdpo_core"], results["plain_ce"]
     report = {
         "benchmark": "sdpo_step",
         "date": time.strftime("%Y-%m-%d"),
         "model": "smollm2-135m",
-        "dtype": str(pick_dtype(ModelConfig().dtype, pick_device("auto"))).removeprefix("torch."),
+        "dtype": core["dtype"],  # the trainer's, which the plain step copies
         **results,
         "ratio": {"step_time": core["median_step_seconds"] / plain["median_step_seconds"]},
         "target": {"step_time": 2.0, "collapse_guard_share_of_step": 0.2},
