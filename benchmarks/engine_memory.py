@@ -74,16 +74,22 @@ def _measure(overrides: dict, folder: str, queue) -> None:
     queue.put(asyncio.run(run()))
 
 
+def in_child(target, *args, timeout_s: float = 900):
+    """`target(*args, queue)` in a fresh (spawned) process; returns what it put on the queue. Each variant gets an
+    engine, and a memory footprint, of its own."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get(timeout=timeout_s)
+    process.join(timeout=120)
+    return result
+
+
 def measure(overrides: dict) -> dict:
     """One variant in its own process: the largest-rank adapter it accepts, one request, then its memory."""
     folder = adapter_folder(config_with(overrides).serving.max_lora_rank)
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_measure, args=(overrides, str(folder), queue))
-    process.start()
-    result = queue.get(timeout=900)
-    process.join(timeout=120)
-    return result
+    return in_child(_measure, overrides, str(folder))
 
 
 def main() -> None:

@@ -34,6 +34,9 @@ def _cpu_list(text: str) -> str:
 CpuList = Annotated[str, AfterValidator(_cpu_list)]
 """A Linux CPU list ("0", "2-5", "0,4-7"), checked when the config loads (which cores exist is checked on the node)."""
 
+VllmLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+"""The LoRA ranks vLLM 0.32's engine accepts as `max_lora_rank` (vllm/config/lora.py): any other fails at start."""
+
 ENV_PREFIX = "CLAAS_RAY__"
 """Environment overrides: `CLAAS_RAY__TRAINING__LEARNING_RATE=1e-4` sets `training.learning_rate`."""
 
@@ -251,7 +254,13 @@ class ServingConfig(StrictModel):
     replica_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per inference replica.")
     max_loras: int = Field(4, ge=1, description="Adapters that may appear in one vLLM batch.")
     max_cpu_loras: int = Field(16, ge=1, description="Adapter versions kept loaded per replica (LRU).")
-    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
+    max_tmpfs_adapters: int = Field(
+        64, ge=1, description="Adapters whose broadcast versions a replica keeps on tmpfs (RAM; LRU, two versions "
+        "each); an adapter that falls out is read from the adapter store when it is next asked for.",
+    )
+    max_lora_rank: VllmLoraRank = Field(
+        16, description="Largest LoRA rank the engine accepts (one of the ranks vLLM's kernels support)."
+    )
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="vLLM memory share; on the CPU build, the share of RAM reserved."
     )
@@ -269,6 +278,12 @@ class ServingConfig(StrictModel):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM AsyncEngineArgs, passed through as they are."
     )
+
+    def lora_wire_dtype(self) -> str | None:
+        """The dtype a broadcast sends adapter weights in: the serving dtype when it is a half type (vLLM casts
+        LoRA weights to it on load, so the replica serves the same numbers from half the bytes); else None (as
+        trained, float32), since with `auto` the engine's dtype is only known once it has started."""
+        return self.dtype if self.dtype in ("bfloat16", "float16") else None
 
     @model_validator(mode="after")
     def _lora_cache_holds_a_batch(self) -> ServingConfig:
@@ -317,15 +332,44 @@ class TrainerConfig(StrictModel):
         "machine has them. None: any core, as Ray gives it.",
     )
     max_batch_items: int = Field(8, ge=1, le=256, description="Most feedback items of one adapter in one step.")
+    max_cached_states: int = Field(
+        16, ge=1, description="Adapters whose training state (student, teacher, optimizer moments) stays in the "
+        "trainer's memory between steps (LRU); others are read from the adapter store at their next step.",
+    )
+    max_broadcast_adapters: int = Field(
+        256, ge=1, description="Adapters whose newest broadcast version stays pinned in Ray's object store for "
+        "replicas that start later (LRU); those that fall out load from the adapter store on first use.",
+    )
     max_pending_per_adapter: int = Field(64, ge=1, description="Queued items per adapter before 429.")
     colocation: Literal["none", "sleep"] = Field(
         "none", description="`sleep`: put vLLM to sleep while a step runs (one shared GPU); `none` on the CPU."
     )
-    sleep_level: Literal[1, 2] = Field(1, description="vLLM sleep level while the trainer steps.")
+    sleep_level: Literal[1] = Field(
+        1, description="vLLM sleep level while the trainer steps: 1 offloads the weights to host memory and drops the "
+        "KV cache. Level 2 is refused: it discards the weights and nothing here reloads them.",
+    )
+    sleep_mode: Literal["wait", "keep"] = Field(
+        "wait",
+        description="What a sleeping replica does with answers in flight: `wait` finishes them first (new requests "
+        "queue until it wakes), `keep` freezes them and resumes them on wake. Never aborted: a cut-off answer "
+        "would reach the user.",
+    )
     sleep_timeout_s: float = Field(60.0, gt=0, description="Longest wait for replicas to sleep or wake.")
     broadcast_timeout_s: float = Field(60.0, gt=0, description="Longest wait for replicas to load a version.")
+    replicas_ready_timeout_s: float = Field(
+        600.0, gt=0, description="At start, the longest wait for the inference replicas to follow the trainer before "
+        "it steps anyway (a vLLM engine on a GPU takes minutes to start).",
+    )
     poll_timeout_s: float = Field(10.0, gt=0, description="Long-poll period of the replicas' adapter feed.")
     tmpfs_dir: str = Field("/dev/shm/claas-ray", description="Where replicas materialise broadcast versions.")
+
+    @field_validator("sleep_level", mode="before")
+    @classmethod
+    def _level_two_discards_the_weights(cls, level: Any) -> Any:
+        if level == 2:
+            raise ValueError("level 2 discards vLLM's weights and nothing reloads them on wake, so a woken replica "
+                             "would serve garbage; use 1")
+        return level
 
     def step_threads(self) -> int | None:
         """Threads a step uses: `torch_threads`, else one per core of `cpu_cores`; None leaves Ray's (one per
@@ -333,6 +377,19 @@ class TrainerConfig(StrictModel):
         if self.torch_threads is not None:
             return self.torch_threads
         return len(parse_cpu_list(self.cpu_cores)) if self.cpu_cores is not None else None
+
+class JournalConfig(StrictModel):
+    """Where the feedback journal and the completion log live (the state the router and the trainer share)."""
+
+    kind: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="`sqlite`: files under `state_dir`, for one node (the router and the trainer must share "
+        "its disk); `postgres`: a PostgreSQL server every deployment reaches over the network (a Ray cluster).",
+    )
+    dsn: str | None = Field(
+        None, description="postgres: a libpq connection string ('host=db port=5432 dbname=claas user=claas'); None: the "
+        "CLAAS_RAY_POSTGRES_DSN environment variable, which keeps a password out of the YAML.",
+    )
+
 
 class RouterConfig(StrictModel):
     """The HTTP ingress."""
@@ -429,6 +486,11 @@ class ClaasConfig(StrictModel):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     tinker: TinkerConfig = Field(default_factory=TinkerConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    multi_node: bool = Field(
+        False, description="The deployments may run on different nodes of a Ray cluster (configs/cluster.yaml): no "
+        "two of them may share state through a local disk, so `store` must be s3 (or tinker) and `journal` postgres.",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     state_dir: str = Field(
         "~/.cache/claas-ray/state", description="Router and trainer state: completion log, feedback journal."
@@ -436,10 +498,43 @@ class ClaasConfig(StrictModel):
 
     @model_validator(mode="after")
     def _colocation_needs_a_shared_gpu(self) -> ClaasConfig:
-        if self.trainer.colocation == "sleep" and not (0 < self.trainer.num_gpus < 1 and 0 < self.serving.replica_num_gpus < 1):
+        """The shares of a GPU the trainer and a replica split must fit it, and be sized up front: Ray does not place
+        a group that cannot fit (the deploy would hang), and vLLM profiling free memory while the trainer loads
+        the same device would size its KV cache wrong."""
+        trainer, serving = self.trainer, self.serving
+        if trainer.colocation != "sleep":
+            return self
+        if not (0 < trainer.num_gpus < 1 and 0 < serving.replica_num_gpus < 1):
             raise ValueError(
                 "trainer.colocation=sleep shares one GPU: set trainer.num_gpus and serving.replica_num_gpus to fractions"
             )
+        if trainer.num_gpus + serving.replica_num_gpus > 1:
+            raise ValueError(f"trainer.num_gpus ({trainer.num_gpus}) + serving.replica_num_gpus "
+                             f"({serving.replica_num_gpus}) exceed one GPU: Ray could never place them together")
+        if serving.gpu_memory_utilization > serving.replica_num_gpus:
+            raise ValueError(f"serving.gpu_memory_utilization ({serving.gpu_memory_utilization}) exceeds the replica's "
+                             f"share of the GPU (serving.replica_num_gpus {serving.replica_num_gpus}); the trainer "
+                             "is capped at trainer.num_gpus of it")
+        if serving.kv_cache_memory_gb is None:
+            raise ValueError("serving.kv_cache_memory_gb: set it when trainer.colocation=sleep; vLLM would otherwise "
+                             "size its KV cache by profiling a device the trainer is loading at the same time")
+        return self
+
+    def node_local_state(self) -> list[str]:
+        """The settings that keep shared state on one node's disk: wrong as soon as deployments run on two nodes."""
+        local = []
+        if self.store.kind == "local":
+            local.append("store.kind: local (adapters in a folder of one node)")
+        if self.journal.kind == "sqlite":
+            local.append("journal.kind: sqlite (the feedback journal and completion log in files of one node)")
+        return local
+
+    @model_validator(mode="after")
+    def _multi_node_state_is_networked(self) -> ClaasConfig:
+        if self.multi_node and self.node_local_state():
+            raise ValueError(f"multi_node: true, but {' and '.join(self.node_local_state())}: a deployment on another "
+                             "node would see other files (feedback never trained, adapters 404). Use store.kind: s3 and "
+                             "journal.kind: postgres")
         return self
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ from claas_ray.protocol.generation import (
 from claas_ray.serving.engine import Engine
 from claas_ray.stores import open_store
 from deployments.broadcast import AdapterReceiver
+from deployments.placement import this_device
 
 
 def open_engine(config: ClaasConfig, replica: str) -> Engine:
@@ -49,10 +50,12 @@ class InferenceDeployment:
         self.replica = context.replica_id.unique_id if context is not None else "local"
         # Built on the event loop (vLLM's async client binds to it); nothing is served before it exists.
         self.engine: Engine = open_engine(self.config, self.replica)
-        self._feed = None
+        self._feed = self._receiver = None
         # On Tinker, versions are sampler paths read from the store on demand: nothing to follow.
         if trainer is not None and self.config.serving.engine != "tinker":
-            self._feed = asyncio.create_task(AdapterReceiver(self.replica, trainer, self.engine).run())
+            self._receiver = AdapterReceiver(self.replica, trainer, self.engine, self.config.trainer.sleep_timeout_s,
+                                             device=this_device())
+            self._feed = asyncio.create_task(self._receiver.run())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
         async for item in self.engine.generate(request):
@@ -63,6 +66,8 @@ class InferenceDeployment:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+        if self._receiver is not None:
+            self._receiver.check()
         if self._feed is not None and self._feed.done():
             raise RuntimeError(f"the adapter feed stopped: {self._feed.exception()!r}")
 

@@ -13,6 +13,23 @@ from typing import Any
 
 from claas_ray.config import ClaasConfig
 
+Device = tuple[str, frozenset[str]]
+"""A Ray worker's GPUs: (node id, GPU ids on that node)."""
+
+
+def this_device() -> Device | None:
+    """The GPUs Ray gave this worker; None without one (the CPU build)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    gpus = context.get_accelerator_ids().get("GPU", [])
+    return (context.get_node_id(), frozenset(gpus)) if gpus else None
+
+
+def shares_device(a: Device | None, b: Device | None) -> bool:
+    """Whether two workers use a GPU in common (same node, a GPU id in common)."""
+    return a is not None and b is not None and a[0] == b[0] and bool(a[1] & b[1])
+
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
     bundle = {"CPU": cpus}

@@ -37,6 +37,7 @@ from claas_ray.serving.errors import ApiError
 from claas_ray.serving.metrics import ServingMetrics
 from claas_ray.serving.openai_serving import OpenAIServing, Served
 from claas_ray.serving.token_counter import load_token_counter
+from claas_ray.sql_database import open_database
 from claas_ray.stores import open_store
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class Router:
         self.store = open_store(self.config.store)
         self.metrics = ServingMetrics()
         self.completions = CompletionLog(
-            self.config.state_path() / "completions.sqlite", self.config.router.completion_log_size
+            open_database(self.config, "completions.sqlite", "NORMAL"), self.config.router.completion_log_size
         )
         # A streaming handle is expensive to configure: make it once.
         self._inference_stream = inference.options(stream=True)
@@ -200,7 +201,7 @@ class Router:
         self.openai = OpenAIServing(
             self.config, self.store, self.completions, self._generate, self.metrics, score=self._score_remote
         )
-        self.journal = FeedbackJournal(self.config.state_path() / "feedback.sqlite")
+        self.journal = FeedbackJournal(open_database(self.config, "feedback.sqlite", "FULL"))
         self.claas = ClaasServing(
             self.config, self.store, self.completions, self.journal, trainer, load_token_counter(self.config)
         )

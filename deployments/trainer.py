@@ -18,9 +18,11 @@ from claas_ray.backends import open_step_backend
 from claas_ray.config import ClaasConfig, LoraConfig
 from claas_ray.cpu_cores import available_cores, pin_process
 from claas_ray.feedback.journal import FeedbackJournal
+from claas_ray.sql_database import open_database
 from claas_ray.stores import open_store
 from claas_ray.training.worker import TrainerLoop
 from deployments.broadcast import AdapterBroadcaster, BroadcastReplicas, PollResult
+from deployments.placement import Device, this_device
 
 
 @serve.deployment(name="trainer", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10, health_check_timeout_s=120)
@@ -35,14 +37,19 @@ class TrainerDeployment:
             # Ray gives an actor as many threads as CPUs it reserved. On the CPU build, vLLM spins on
             # the core it binds to, so more threads than free cores make a step slower, not faster.
             torch.set_num_threads(threads)
+        if 0 < settings.num_gpus < 1 and torch.cuda.is_available():
+            # Its share of a GPU it shares with vLLM, enforced: Ray's fractions are bookkeeping only, and a step
+            # that grew past them would take the memory vLLM needs to wake. (Ray shows the actor its GPU as 0.)
+            torch.cuda.set_per_process_memory_fraction(settings.num_gpus, 0)
         self.store = open_store(self.config.store)
-        self.broadcaster = AdapterBroadcaster(poll_timeout_s=self.config.trainer.poll_timeout_s)
+        self.broadcaster = AdapterBroadcaster(poll_timeout_s=self.config.trainer.poll_timeout_s,
+                                              pinned_adapters=self.config.trainer.max_broadcast_adapters)
         backend = await asyncio.to_thread(open_step_backend, self.config, self.store)  # loads the model
         # Replicas that sample on Tinker read versions from the store: nobody follows the feed.
         followers = 0 if self.config.serving.engine == "tinker" else self.config.serving.num_replicas
         self.loop = TrainerLoop(
-            self.config, FeedbackJournal(self.config.state_path() / "feedback.sqlite"), self.store, backend,
-            BroadcastReplicas(self.broadcaster, self.config.trainer, followers),
+            self.config, FeedbackJournal(open_database(self.config, "feedback.sqlite", "FULL")), self.store, backend,
+            BroadcastReplicas(self.broadcaster, self.config.trainer, followers, device=this_device()),
         )
         await asyncio.to_thread(self.loop.recover)
         self._running = asyncio.create_task(self.loop.run())
@@ -66,8 +73,8 @@ class TrainerDeployment:
         self.loop.forget_adapter(adapter_id)
 
     # --- calls from the inference replicas ------------------------------------------------------------
-    async def poll(self, replica: str, generation: str | None, cursor: int) -> PollResult:
-        return await self.broadcaster.poll(replica, generation, cursor)
+    async def poll(self, replica: str, generation: str | None, cursor: int, device: Device | None = None) -> PollResult:
+        return await self.broadcaster.poll(replica, generation, cursor, device)
 
     async def ack(self, replica: str, seq: int, load_s: float = 0.0) -> None:
         await self.broadcaster.ack(replica, seq, load_s)

@@ -9,4 +9,8 @@ bash scripts/setup_openclaw.sh   # Node 24 and the real openclaw package, for th
 if ! command -v chromium >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# The journal's contract runs on a real PostgreSQL server too (Debian's package; started by the tests on 127.0.0.1).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 exec .venv/bin/python -m pytest -v --durations=15 "$@"

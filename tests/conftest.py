@@ -190,7 +190,7 @@ def ray_cluster(tmp_path_factory):
 PLUMBING_TRAINING = {"teacher_rollouts": 0, "collapse_check_tokens": None, "optimizer_steps": 1}
 ADMIN_KEY = f"sk-claas-admin-{uuid.uuid4().hex}"
 TENANT_KEYS = {name: f"sk-claas-{name}-{uuid.uuid4().hex}" for name in ("alice", "bob", "openclaw")}
-MAX_PENDING_PER_ADAPTER = 24
+MAX_PENDING_PER_ADAPTER = 8  # one step's batch (trainer.max_batch_items): a full queue drains in one step
 
 
 def sha256_hex(key: str) -> str:
@@ -321,3 +321,69 @@ def s3_server():
     yield server
     server.process.kill()
     server.process.wait()
+
+
+# --- a real PostgreSQL server (Debian's package) on 127.0.0.1 -------------------------------------
+class PostgresServer:
+    """`initdb` + `postgres` in a temporary folder, on a loopback port, trust auth; run as the `postgres` user
+    when the tests run as root (PostgreSQL refuses root)."""
+
+    def __init__(self, workdir: Path):
+        binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+        if not binaries:
+            raise RuntimeError("PostgreSQL is not installed (Debian's `postgresql` package; scripts/test.sh installs it)")
+        bin_dir = binaries[-1]
+        self.port = free_port()
+        self.dsn = f"host=127.0.0.1 port={self.port} user=claas dbname=postgres"
+        workdir.mkdir(parents=True, exist_ok=True)
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if as_user:
+            shutil.chown(workdir, "postgres")
+        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(workdir / "data"), "-A", "trust", "-U", "claas",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
+        self.process = subprocess.Popen(
+            [*as_user, str(bin_dir / "postgres"), "-D", str(workdir / "data"), "-h", "127.0.0.1", "-p", str(self.port),
+             "-k", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        import psycopg
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                psycopg.connect(self.dsn, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.time() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("postgres did not start") from None
+                time.sleep(0.2)
+
+    def new_database(self) -> str:
+        """A fresh database on the server; returns its connection string."""
+        import psycopg
+
+        name = f"claas_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return self.dsn.replace("dbname=postgres", f"dbname={name}")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)  # a smart shutdown
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    import tempfile
+
+    # Not under pytest's temporary folder: that is private to root, and the server runs as `postgres`.
+    workdir = Path(tempfile.mkdtemp(prefix="claas-ray-postgres-"))
+    server = PostgresServer(workdir)
+    yield server
+    server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)

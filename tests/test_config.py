@@ -31,6 +31,35 @@ def test_bad_value_is_named():
         load_config({"training": {"hindsight_template": "no placeholder"}}, environ={})
 
 
+def test_engine_settings_vllm_would_refuse_or_misuse_are_named():
+    with pytest.raises(ConfigError, match=r"serving\.max_lora_rank.*16, 32"):  # vLLM's kernels take only some ranks
+        load_config({"serving": {"max_lora_rank": 24}}, environ={})
+    with pytest.raises(ConfigError, match=r"trainer\.sleep_level.*discards vLLM's weights"):
+        load_config({"trainer": {"sleep_level": 2}}, environ={})
+    with pytest.raises(ConfigError, match=r"trainer\.sleep_mode"):  # vLLM's default, `abort`, cuts answers off
+        load_config({"trainer": {"sleep_mode": "abort"}}, environ={})
+    shared = {"trainer": {"colocation": "sleep", "num_gpus": 0.5},
+              "serving": {"replica_num_gpus": 0.5, "gpu_memory_utilization": 0.45, "kv_cache_memory_gb": 8}}
+    load_config(shared, environ={})
+    for key, value, says in (("replica_num_gpus", 0.6, "exceed one GPU"), ("gpu_memory_utilization", 0.55, "share"),
+                             ("kv_cache_memory_gb", None, "profiling")):
+        with pytest.raises(ConfigError, match=says):
+            load_config({**shared, "serving": {**shared["serving"], key: value}}, environ={})
+    assert load_config({"serving": {"dtype": "bfloat16"}}, environ={}).serving.lora_wire_dtype() == "bfloat16"
+    assert load_config({}, environ={}).serving.lora_wire_dtype() is None  # `auto`: as trained
+
+
+def test_multi_node_refuses_state_in_one_nodes_files():
+    for args, named in (({"multi_node": True}, r"store\.kind: local .* and journal\.kind: sqlite"),
+                        ({"multi_node": True, "journal": {"kind": "postgres"}}, r"store\.kind: local"),
+                        ({"multi_node": True, "store": {"kind": "s3", "bucket": "b"}}, r"journal\.kind: sqlite")):
+        with pytest.raises(ConfigError, match=named):
+            load_config(args, environ={})
+    cluster = load_config({"multi_node": True, "store": {"kind": "s3", "bucket": "b"}, "journal": {"kind": "postgres"}},
+                          environ={})
+    assert cluster.node_local_state() == []
+
+
 def test_environment_overrides_yaml():
     config = load_config(
         {"training": {"learning_rate": 1e-5, "teacher": "base"}},

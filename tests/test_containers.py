@@ -76,7 +76,7 @@ def test_compose_refuses_to_run_without_keys(tmp_path):
 def test_images_are_built_with_the_readme_set_up_command():
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/setup.sh && .venv/bin/claas-ray serve" in readme
-    for name, extras in (("Dockerfile.cpu", "cpu,s3"), ("Dockerfile.gpu", "gpu,s3")):
+    for name, extras in (("Dockerfile.cpu", "cpu,s3"), ("Dockerfile.gpu", "gpu,s3,postgres")):
         runs = [line for line in (ROOT / "docker" / name).read_text().splitlines() if line.startswith("RUN ")]
         assert f"RUN CLAAS_RAY_EXTRAS={extras} bash scripts/setup.sh" in runs, runs
         config = re.search(r'"--config", "([^"]+)"', (ROOT / "docker" / name).read_text()).group(1)

@@ -13,6 +13,8 @@ from claas_ray.training.teacher import hindsight_messages
 
 pytestmark = pytest.mark.slow
 
+STEPS = 5  # feedback events: enough to show the move (seen in bf16 at 8 events: +21 and +33 nats), and each costs ~25 s
+
 CASES = [
     ("Tell me about your favourite season of the year.", "Answer only in French."),
     ("Who are you?", "Your name is Kuro. Always introduce yourself as Kuro."),
@@ -48,7 +50,7 @@ def test_feedback_moves_student_toward_teacher(trainer, prompt, feedback):
     assert teacher_logprob_before == pytest.approx(base_logprob_probe, abs=1e-3)  # v0 is zero-effect
 
     history, accepted = [], 0
-    for step in range(8):
+    for step in range(STEPS):
         text, ids = trainer.generate(state, messages, max_new_tokens=48)  # on-policy, as served
         example = TrainingExample(messages=messages, response_text=text, response_token_ids=ids, feedback=feedback)
         result = trainer.step(state, [example], config)
@@ -58,7 +60,7 @@ def test_feedback_moves_student_toward_teacher(trainer, prompt, feedback):
         accepted += result.accepted
         state = result.state
         history.append((step, result.accepted, round(result.metrics["divergence"], 4), text[:60]))
-    assert accepted >= 2, history  # seen: French 5 of 8 in bf16, 3 of 8 in fp32 (the rest refused as collapse)
+    assert accepted >= 2, history  # seen at 8 events: French 5 of 8 in bf16, 3 of 8 in fp32 (the rest refused as collapse)
 
     # SDPO's objective: the student's own (greedy) answer, scored by the hindsight teacher, disagrees less.
     final_text, final_ids = trainer.generate(state, messages, max_new_tokens=48)

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import ROOT, TENANT_KEYS, free_port
@@ -84,10 +85,17 @@ class Gateway:
             assert self.process.poll() is None and time.monotonic() < deadline, self.tail()
             time.sleep(1)
 
-    def say(self, session: str, text: str, run_id: str, timeout: float = 600) -> str:
-        """Send a chat message and wait for the reply that follows it in the session's history."""
+    def say(self, session: str, text: str, run_id: str, replied: Callable[[], bool], timeout: float = 600) -> str:
+        """Send a chat message and wait for the reply that follows it in the session's history.
+
+        Each `openclaw gateway call` is a Node process that takes seconds of CPU: polling the history with it
+        took a core from the model. So the wait is on `replied` (a cheap sign the reply is near), then on the
+        history."""
         assert self.call("chat.send", {"sessionKey": session, "message": text, "idempotencyKey": run_id})["status"] == "started"
         deadline = time.monotonic() + timeout
+        while not replied() and time.monotonic() < deadline:
+            assert self.process.poll() is None, self.tail()
+            time.sleep(1)
         while time.monotonic() < deadline:
             messages = self.call("chat.history", {"sessionKey": session})["messages"]
             asked = [i for i, m in enumerate(messages) if m["role"] == "user" and text in json.dumps(m["content"])]
@@ -135,14 +143,20 @@ def test_real_openclaw_gateway_turn_and_feedback_command(app, tmp_path):
     gateway = Gateway(env, tmp_path)
     try:
         gateway.wait_ready()
-        answer = gateway.say("agent:main:main", "Say hello in five words.", "turn-1")
+        turns = tmp_path / ".openclaw" / "claas-turns.json"
+        answer = gateway.say("agent:main:main", "Say hello in five words.", "turn-1", replied=turns.exists)
         adapter = "openclaw/cli"
         assert answer and f"model overridden to {adapter}" in gateway.text(), gateway.tail()
         assert app.request("GET", f"/v1/lora/{adapter}", key=TENANT_KEYS["openclaw"]).json()["latest_version"] == 0
-        (recorded,) = json.loads((tmp_path / ".openclaw" / "claas-turns.json").read_text())["cli"]
+        (recorded,) = json.loads(turns.read_text())["cli"]
         assert recorded["adapterId"] == adapter and recorded["completionId"].startswith("chatcmpl-")
 
-        reply = gateway.say("agent:main:main", "/feedback Answer only in French.", "feedback-1", timeout=700)
+        def version_one() -> bool:
+            detail = app.request("GET", f"/v1/lora/{adapter}", key=TENANT_KEYS["openclaw"]).json()
+            return detail["latest_version"] >= 1
+
+        reply = gateway.say("agent:main:main", "/feedback Answer only in French.", "feedback-1", replied=version_one,
+                            timeout=700)
         assert reply == f"Feedback applied: {adapter} is now version 1.", (reply, gateway.tail())
     finally:
         gateway.stop()

@@ -20,7 +20,7 @@ from claas_ray.config import ClaasConfig, LoraConfig, TrainingConfig
 from claas_ray.feedback.journal import FeedbackJournal
 from claas_ray.training.example import TrainingExample
 from claas_ray.training.step import StepResult
-from claas_ray.training.worker import MAX_ATTEMPTS, Delivery, TrainerLoop
+from claas_ray.training.worker import MAX_ATTEMPTS, Delivery, ReplicasUnavailable, TrainerLoop
 
 
 class Crash(BaseException):
@@ -64,12 +64,16 @@ class RecordingReplicas:
     def __init__(self) -> None:
         self.events: list[tuple] = []
         self.crash_on_deliver = False
+        self.refuse_sleep = False
+        self.acked = 2
 
     async def ready(self) -> None:
         self.events.append(("ready",))
 
     async def pause(self) -> None:
         self.events.append(("pause",))
+        if self.refuse_sleep:
+            raise ReplicasUnavailable("not applied: 1 of 2 inference replicas did not release the shared GPU")
 
     async def resume(self) -> None:
         self.events.append(("resume",))
@@ -79,7 +83,7 @@ class RecordingReplicas:
             raise Crash("deliver")
         assert version.files is not None and "adapter_model.safetensors" in version.files
         self.events.append(("deliver", version.meta.adapter_id, version.meta.version))
-        return Delivery(acked=2, live=2, load_s=0.01)
+        return Delivery(acked=self.acked, live=2, load_s=0.01)
 
     def forget(self, adapter_id: str) -> None:
         self.events.append(("forget", adapter_id))
@@ -103,7 +107,8 @@ class Rig:
         self.loop = self._new_loop()
 
     def _new_loop(self) -> TrainerLoop:
-        backend = WeightsStepBackend(self.trainer, self.store, "tiny", self.config.lora.target_modules)
+        backend = WeightsStepBackend(self.trainer, self.store, "tiny", self.config.lora.target_modules,
+                                     cached_states=self.config.trainer.max_cached_states)
         loop = TrainerLoop(self.config, self.journal, self.store, backend, self.replicas)
         loop.recover()
         return loop
@@ -235,7 +240,8 @@ def test_refused_steps_are_rejected_with_their_reason_and_the_loop_goes_on(tmp_p
 
 
 def test_on_a_shared_gpu_replicas_sleep_for_each_step_even_a_failed_one(tmp_path):
-    config = ClaasConfig(trainer={"colocation": "sleep", "num_gpus": 0.5}, serving={"replica_num_gpus": 0.5})
+    config = ClaasConfig(trainer={"colocation": "sleep", "num_gpus": 0.5},
+                         serving={"replica_num_gpus": 0.5, "kv_cache_memory_gb": 1})
     rig = Rig(tmp_path, config)
     rig.create("a/one")
     rig.trainer.raise_on["bad"] = ValueError("no")
@@ -244,6 +250,46 @@ def test_on_a_shared_gpu_replicas_sleep_for_each_step_even_a_failed_one(tmp_path
     rig.queue(("good", "a/one", example("good")))
     rig.drain()
     assert rig.replicas.events == [("pause",), ("resume",), ("pause",), ("resume",), ("deliver", "a/one", 1)]
+
+
+def test_a_step_does_not_run_beside_a_replica_that_kept_the_gpu_and_the_others_wake(tmp_path):
+    config = ClaasConfig(trainer={"colocation": "sleep", "num_gpus": 0.5},
+                         serving={"replica_num_gpus": 0.5, "kv_cache_memory_gb": 1})
+    rig = Rig(tmp_path, config)
+    rig.create("a/one")
+    rig.replicas.refuse_sleep = True
+    rig.queue(("f", "a/one", example("f")))
+    rig.drain()
+    assert rig.status("f")[0] == "rejected" and "did not release the shared GPU" in rig.journal.get("f").reason
+    assert rig.replicas.events == [("pause",), ("resume",)]
+    assert rig.store.version_numbers("a/one") == [0]
+
+
+def test_a_version_not_every_replica_acknowledged_is_applied_and_says_so(tmp_path):
+    rig = Rig(tmp_path)
+    rig.create("a/one")
+    rig.replicas.acked = 1
+    rig.queue(("f", "a/one", example("f")))
+    rig.drain()
+    entry = rig.journal.get("f")
+    assert rig.status("f") == ("applied", 1) and entry.metrics["replicas_acked"] == 1
+    assert entry.reason.startswith("version 1 reached 1 of 2 inference replicas within 60s")
+
+
+def test_the_trainer_keeps_a_bounded_number_of_training_states(tmp_path):
+    """Past `trainer.max_cached_states` an adapter's state is read from the store at its next step: training
+    goes on from where it was."""
+    rig = Rig(tmp_path, ClaasConfig(trainer={"max_cached_states": 2}))
+    adapters = [f"a/{n}" for n in range(4)]
+    rig.create(*adapters)
+    for round_ in range(2):
+        for adapter in adapters:
+            rig.queue((f"{adapter}-{round_}", adapter, example("x")))
+        rig.drain()
+    assert len(rig.loop.backend._latest) == 2
+    for adapter in adapters:  # two steps each: +1 twice from the zero-effect start
+        assert rig.store.version_numbers(adapter) == [0, 1, 2]
+        assert rig.store.load_state(adapter)[0].student["w"].tolist() == [2.0, 2.0]
 
 
 def test_lifecycle_reset_and_import_publish_versions(tmp_path):

@@ -61,11 +61,15 @@ class AdapterState:
         if self.teacher and self.teacher.keys() != self.student.keys():
             raise ValueError("teacher and student weights must have the same keys")
 
-    def peft_files(self) -> dict[str, bytes]:
-        """Just what a loader needs (vLLM, PEFT, an export): config and student weights."""
+    def peft_files(self, dtype: torch.dtype | None = None) -> dict[str, bytes]:
+        """Just what a loader needs (vLLM, PEFT, an export): config and student weights, in `dtype` if given (what
+        the engine computes in: it would cast them on load anyway, so a broadcast can carry half the bytes)."""
+        student = _contiguous(self.student)
+        if dtype is not None:
+            student = {name: tensor.to(dtype) for name, tensor in student.items()}
         return {
             ADAPTER_CONFIG: json.dumps(peft_adapter_config(self.lora, self.base_model), indent=2).encode(),
-            ADAPTER_WEIGHTS: save_safetensors(_contiguous(self.student)),
+            ADAPTER_WEIGHTS: save_safetensors(student),
         }
 
     def to_files(self) -> dict[str, bytes]:

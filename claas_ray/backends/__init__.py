@@ -31,5 +31,9 @@ def open_step_backend(config: ClaasConfig, store: AdapterStore) -> StepBackend:
         from claas_ray.backends.modal.client import ModalTrainingBackend
 
         trainer = ModalTrainingBackend(config)
+    import torch
+
+    wire = config.serving.lora_wire_dtype()
     return WeightsStepBackend(trainer, store, config.model.base_model, config.lora.target_modules,
-                              colocated=backend == "local")
+                              colocated=backend == "local", cached_states=config.trainer.max_cached_states,
+                              wire_dtype=None if wire is None else getattr(torch, wire))

@@ -1,6 +1,6 @@
 """`CompletionLog`: what the server sampled, by completion id, so feedback can name just the id.
 
-Kept in SQLite on disk (survives restarts), bounded to the newest N records. The record holds the token
+Kept in SQLite on disk or in PostgreSQL (`SqlDatabase`; survives restarts), bounded to the newest N records. The record holds the token
 ids and sampling log-probs exactly as generated: the trainer then scores the very tokens the user saw,
 and the importance ratio has its denominator.
 """
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import threading
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from claas_ray.chat import ChatMessage
+from claas_ray.sql_database import SqlDatabase
 
 
 class CompletionRecord(BaseModel):
@@ -42,25 +41,23 @@ def response_key(adapter_id: str | None, response_text: str) -> str:
 class CompletionLog:
     """A bounded, persistent map completion id -> CompletionRecord."""
 
-    def __init__(self, path: str | Path, max_records: int = 10000):
+    def __init__(self, database: SqlDatabase | str | Path, max_records: int = 10000):
         self.max_records = max_records
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # A path: SQLite; a record lost to power loss costs only feedback by that id, so commits are not fsync'd.
+        self._db = database if isinstance(database, SqlDatabase) else SqlDatabase.sqlite(database, "NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS completions (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "completion_id TEXT UNIQUE NOT NULL, record TEXT NOT NULL)"
         )
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
-        if "response_key" not in columns:  # logs written before text feedback was matched to its completion
+        if "response_key" not in self._db.columns("completions"):  # logs written before text feedback was matched
             self._db.execute("ALTER TABLE completions ADD COLUMN response_key TEXT")
         self._db.execute("CREATE INDEX IF NOT EXISTS completions_response ON completions (response_key, seq)")
 
     def add(self, record: CompletionRecord) -> None:
-        with self._lock:
+        with self._db.transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO completions (completion_id, record, response_key) VALUES (?, ?, ?)",
+                "INSERT INTO completions (completion_id, record, response_key) VALUES (?, ?, ?) ON CONFLICT "
+                "(completion_id) DO UPDATE SET record = excluded.record, response_key = excluded.response_key",
                 (record.completion_id, record.model_dump_json(), response_key(record.adapter_id, record.response_text)),
             )
             self._db.execute(
@@ -68,23 +65,19 @@ class CompletionLog:
             )
 
     def get(self, completion_id: str) -> CompletionRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT record FROM completions WHERE completion_id = ?", (completion_id,)).fetchone()
+        row = self._db.fetchone("SELECT record FROM completions WHERE completion_id = ?", (completion_id,))
         return None if row is None else CompletionRecord.model_validate(json.loads(row[0]))
 
     def find(self, adapter_id: str, response_text: str, limit: int = 20) -> list[CompletionRecord]:
         """The newest completions an adapter answered with exactly this text (surrounding whitespace aside)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT record FROM completions WHERE response_key = ? ORDER BY seq DESC LIMIT ?",
-                (response_key(adapter_id, response_text), limit),
-            ).fetchall()
+        rows = self._db.fetchall(
+            "SELECT record FROM completions WHERE response_key = ? ORDER BY seq DESC LIMIT ?",
+            (response_key(adapter_id, response_text), limit),
+        )
         return [CompletionRecord.model_validate(json.loads(row[0])) for row in rows]
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0])
+        return int(self._db.fetchone("SELECT COUNT(*) FROM completions")[0])
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()

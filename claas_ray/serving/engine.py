@@ -23,11 +23,17 @@ from claas_ray.protocol.generation import (
 T = TypeVar("T")
 
 
+class GenerationInterrupted(RuntimeError):
+    """The engine ended an answer it had started early (aborted or failed it): what was sent is incomplete, and
+    the answer is neither finished with `stop` nor recorded."""
+
+
 class Engine(Protocol):
     """One replica's model, serving the base model and any adapter version."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | GenerationError]:
-        """Stream `GenerationDelta`s; a request that cannot run yields one `GenerationError` and nothing else."""
+        """Stream `GenerationDelta`s; a request that cannot run yields one `GenerationError` and nothing else, and
+        one the engine gives up mid-way raises `GenerationInterrupted`."""
 
     async def score(self, request: ScoreRequest) -> ScoreResult | GenerationError:
         """Teacher-forced log-probs of the request's completion."""

@@ -18,6 +18,7 @@ import psutil
 from claas_ray.adapters.store import AdapterStore
 from claas_ray.config import ClaasConfig
 from claas_ray.cpu_cores import available_cores
+from claas_ray.lru_map import LruMap
 from claas_ray.models.registry import resolve_model_path
 from claas_ray.protocol.generation import (
     GenerationDelta,
@@ -28,7 +29,7 @@ from claas_ray.protocol.generation import (
     TokenLogprob,
 )
 from claas_ray.serving import orphan_reaper
-from claas_ray.serving.engine import admit_generation, admit_score
+from claas_ray.serving.engine import GenerationInterrupted, admit_generation, admit_score
 from claas_ray.serving.lora_versions import LoraVersions
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class VllmEngine:
         self._reaper = orphan_reaper.start(os.getpid(), engine_pids, [self.scratch])
         self.tokenizer = self.llm.get_tokenizer()
         self.loras = LoraVersions(store.peft_dir, capacity=max(1024, config.serving.max_cpu_loras))
+        self.on_tmpfs: LruMap[str, None] = LruMap(config.serving.max_tmpfs_adapters)  # adapters with versions there
 
     def _sampling_params(self, request: GenerationRequest, max_tokens: int):
         from vllm import SamplingParams
@@ -127,6 +129,10 @@ class VllmEngine:
             completion = output.outputs[0]
             finish = None
             if output.finished:
+                if completion.finish_reason in ("abort", "error"):
+                    # Never a `stop`: the answer was cut off, and a client, the completion log and training data
+                    # would take it for a whole one.
+                    raise GenerationInterrupted(f"the engine ended the answer early ({completion.finish_reason})")
                 finish = "length" if completion.finish_reason == "length" else "stop"
             yield GenerationDelta(
                 text=completion.text,
@@ -182,15 +188,30 @@ class VllmEngine:
         return result
 
     async def load_version(self, adapter_id: str, version: int, files: dict[str, bytes]) -> None:
-        """Write the files to tmpfs (RAM) and load them into vLLM; keep the newest few versions there."""
+        """Write the files to tmpfs (RAM) and load them into vLLM; keep the newest few versions of the most recently
+        loaded adapters there (`serving.max_tmpfs_adapters`): the others are read from the store if asked for."""
         folder = await asyncio.to_thread(self._materialise, adapter_id, version, files)
         self.loras.register_path(adapter_id, version, folder)
         await self.llm.add_lora(self.loras.request_for(adapter_id, version))
-        stale = [int(entry.name) for entry in folder.parent.iterdir()
-                 if entry.name.isdigit() and int(entry.name) <= version - KEEP_BROADCAST_VERSIONS]
-        for old in stale:
-            self.loras.forget(adapter_id, old)
-        await asyncio.to_thread(lambda: [shutil.rmtree(folder.parent / str(old), ignore_errors=True) for old in stale])
+        evicted = [gone for gone, _ in self.on_tmpfs.put(adapter_id, None)]
+        await asyncio.to_thread(self._prune_tmpfs, adapter_id, version, evicted)
+
+    def _prune_tmpfs(self, adapter_id: str, version: int, evicted: list[str]) -> None:
+        """Remove the adapter's versions older than the newest few, and every version of the evicted adapters
+        (forgotten first, so no request resolves a folder being removed)."""
+        stale = [(adapter_id, old) for old in self._versions_on_tmpfs(adapter_id)
+                 if old <= version - KEEP_BROADCAST_VERSIONS]
+        stale += [(gone, old) for gone in evicted for old in self._versions_on_tmpfs(gone)]
+        for stale_id, old in stale:
+            self.loras.forget(stale_id, old)
+        for stale_id, old in stale:
+            shutil.rmtree(self.scratch / stale_id / str(old), ignore_errors=True)
+        for gone in evicted:
+            shutil.rmtree(self.scratch / gone, ignore_errors=True)
+
+    def _versions_on_tmpfs(self, adapter_id: str) -> list[int]:
+        folder = self.scratch / adapter_id
+        return [int(entry.name) for entry in folder.iterdir() if entry.name.isdigit()] if folder.is_dir() else []
 
     def _materialise(self, adapter_id: str, version: int, files: dict[str, bytes]) -> Path:
         folder = self.scratch / adapter_id / str(version)
@@ -202,7 +223,8 @@ class VllmEngine:
         return folder
 
     async def sleep(self, level: int) -> None:
-        await self.llm.sleep(level=level)
+        """Answers in flight finish (`wait`) or are frozen until wake (`keep`); never aborted (vLLM's default)."""
+        await self.llm.sleep(level=level, mode=self.config.trainer.sleep_mode)
 
     async def wake(self) -> None:
         await self.llm.wake_up()

@@ -354,6 +354,15 @@ class SDPOTrainer:
     # --- the step ---------------------------------------------------------------------------
     def step(self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig) -> StepResult:
         """One SDPO update from a batch of feedback on the same adapter."""
+        try:
+            return self._step(state, examples, config)
+        finally:
+            if self.device.type == "cuda":
+                # On a GPU shared with vLLM, memory the step's caching allocator kept would be missing when the
+                # engine wakes and takes its weights and KV cache back.
+                torch.cuda.empty_cache()
+
+    def _step(self, state: AdapterState, examples: Sequence[TrainingExample], config: TrainingConfig) -> StepResult:
         started = time.perf_counter()
         if not examples:
             raise ValueError("a step needs at least one example")

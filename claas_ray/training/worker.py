@@ -6,7 +6,7 @@ The loop that matters most, in the order an item lives it:
    (the step finished, the acknowledgement did not), rejected after `MAX_ATTEMPTS` starts (an item that
    kills the trainer must not crash-loop it), else queued again.
 2. claim: the queued items of the adapter whose oldest item waits longest, in order, one set of training
-   settings per batch (`FeedbackJournal.next_batch`); they are marked `training` (an attempt).
+   settings per batch (`FeedbackJournal.claim`), marked `training` (an attempt) in the same transaction.
 3. step: the `StepBackend` runs one guarded SDPO step and publishes the version, naming the feedback ids,
    or says why not. On a shared accelerator the replicas sleep meanwhile.
 4. hand-off: the published version goes to every inference replica (`Replicas.deliver`).
@@ -47,6 +47,10 @@ class Delivery:
     load_s: float = 0.0
 
 
+class ReplicasUnavailable(RuntimeError):
+    """Replicas did not do what a step needs of them in time (release a shared GPU): the step does not run."""
+
+
 class Replicas(Protocol):
     """The inference replicas, as the trainer loop sees them."""
 
@@ -54,7 +58,8 @@ class Replicas(Protocol):
         """Wait (bounded) until the replicas follow this trainer, so the first version reaches them."""
 
     async def pause(self) -> None:
-        """Release the shared accelerator for a step (vLLM sleeps)."""
+        """Release the shared accelerator for a step (vLLM sleeps); raises `ReplicasUnavailable` when a live
+        replica did not."""
 
     async def resume(self) -> None:
         """Take it back; runs after every paused step, failed or not."""
@@ -120,7 +125,7 @@ class TrainerLoop:
 
     async def run_once(self) -> bool:
         """Claim and apply one batch; False when nothing was queued."""
-        batch = await asyncio.to_thread(self.journal.next_batch, self.config.trainer.max_batch_items)
+        batch = await asyncio.to_thread(self.journal.claim, self.config.trainer.max_batch_items)
         if not batch:
             return False
         try:
@@ -132,7 +137,6 @@ class TrainerLoop:
 
     async def _apply(self, batch: list[FeedbackEntry]) -> None:
         started = time.time()
-        await self._mark(batch, "training")
         try:
             outcome = await self._with_model(
                 self.backend.step, batch[0].adapter_id, [entry.example for entry in batch], self._training_config(batch),
@@ -140,7 +144,7 @@ class TrainerLoop:
             )
         except AdapterNotFoundError:
             return await self._mark(batch, "rejected", reason=f"adapter {batch[0].adapter_id!r} no longer exists")
-        except ValueError as exc:  # e.g. an example longer than the context
+        except (ValueError, ReplicasUnavailable) as exc:  # e.g. an example longer than the context
             return await self._mark(batch, "rejected", reason=str(exc))
         stepped = time.time()
         metrics = {**outcome.metrics, "queue_s": started - min(entry.created_at for entry in batch),
@@ -148,19 +152,24 @@ class TrainerLoop:
         if outcome.published is None:
             return await self._mark(batch, "rejected", metrics=metrics, reason=outcome.reason)
         published = outcome.published
+        lagging = None
         if published.files is not None:
             delivery = await self.replicas.deliver(published)
             metrics.update(broadcast_s=time.time() - stepped, load_s=delivery.load_s,
                            replicas_acked=float(delivery.acked), replicas_live=float(delivery.live))
             if delivery.acked < delivery.live:
-                logger.warning("version %d of %s reached %d of %d replicas", published.meta.version,
-                               published.meta.adapter_id, delivery.acked, delivery.live)
+                # Applied (the version is published and is what the router now serves), but said on the item:
+                # the replicas that did not acknowledge it load it from the store when it is first asked for.
+                lagging = (f"version {published.meta.version} reached {delivery.acked} of {delivery.live} inference "
+                           f"replicas within {self.config.trainer.broadcast_timeout_s:.0f}s; the others load it from "
+                           "the adapter store on first use")
+                logger.warning("%s: %s", published.meta.adapter_id, lagging)
         self.steps += 1
-        await self._mark(batch, "applied", version=published.meta.version, metrics=metrics)
+        await self._mark(batch, "applied", version=published.meta.version, metrics=metrics, reason=lagging)
 
     def _training_config(self, batch: list[FeedbackEntry]) -> TrainingConfig:
         """The server's settings, with those the batch's items asked for (validated and allowed by the router)."""
-        settings = batch[0].example.training_settings  # one set per batch (FeedbackJournal.next_batch)
+        settings = batch[0].example.training_settings  # one set per batch (FeedbackJournal.claim)
         return self.config.training.model_copy(update=settings) if settings else self.config.training
 
     async def _mark(self, batch: list[FeedbackEntry], status: Status, **fields) -> None:
@@ -171,12 +180,12 @@ class TrainerLoop:
         sleep meanwhile (steps only: a lifecycle call is short)."""
         pause = pause and self.backend.colocated and self.config.trainer.colocation == "sleep"
         async with self._model:
-            if pause:
-                await self.replicas.pause()
             try:
+                if pause:
+                    await self.replicas.pause()
                 return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
             finally:
-                if pause:
+                if pause:  # also after a pause that failed part-way: the replicas that slept must wake
                     await self.replicas.resume()
 
     # --- the adapter lifecycle ----------------------------------------------------------------------
