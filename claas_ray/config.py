@@ -378,6 +378,7 @@ class TrainerConfig(StrictModel):
             return self.torch_threads
         return len(parse_cpu_list(self.cpu_cores)) if self.cpu_cores is not None else None
 
+
 class JournalConfig(StrictModel):
     """Where the feedback journal and the completion log live (the state the router and the trainer share)."""
 

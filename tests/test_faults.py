@@ -123,7 +123,7 @@ def test_whole_app_restart_keeps_adapters_pending_feedback_and_completions(app):
     assert first.json()["items"][0]["version"] == 1
     before = app.request("GET", "/v1/lora/restart/r").json()
 
-    pending = app.request("POST", "/v1/feedback", json={"items": [item("restart/r", i) for i in range(12)]})
+    pending = app.request("POST", "/v1/feedback", json={"items": [item("restart/r", i) for i in range(MAX_PENDING_PER_ADAPTER)]})
     assert pending.status_code == 202
     ids = [status["id"] for status in pending.json()["items"]]
     # `serve shutdown` at once: most items are still queued or mid-step.
