@@ -2,7 +2,7 @@
 
 SQLite (a file under `state_dir`) is the embedded single-node default: the router and the trainer open the
 same file, which only works while they share a disk. On a cluster every deployment reaches one PostgreSQL
-server over the network instead (`database.kind: postgres`). The stores write their SQL once, in SQLite's
+server over the network instead (`journal.kind: postgres`). The stores write their SQL once, in SQLite's
 dialect with `?` markers; this class translates the few things PostgreSQL spells differently, and serialises
 calls from the threads that share the connection.
 """
