@@ -34,6 +34,19 @@ def _cpu_list(text: str) -> str:
 CpuList = Annotated[str, AfterValidator(_cpu_list)]
 """A Linux CPU list ("0", "2-5", "0,4-7"), checked when the config loads (which cores exist is checked on the node)."""
 
+
+def _ray_resources(resources: dict[str, float]) -> dict[str, float]:
+    for name, amount in resources.items():
+        if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is not a custom resource (CPUs and GPUs have keys of their own)")
+        if amount <= 0:
+            raise ValueError(f"{name}: {amount}: an amount must be above 0")
+    return resources
+
+
+RayResources = Annotated[dict[str, float], AfterValidator(_ray_resources)]
+"""Custom Ray resources by name, as nodes offer them (`ray start --resources '{"gpu_slot": 1}'`)."""
+
 VllmLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 """The LoRA ranks vLLM 0.32's engine accepts as `max_lora_rank` (vllm/config/lora.py): any other fails at start."""
 
@@ -252,6 +265,10 @@ class ServingConfig(StrictModel):
     num_replicas: int = Field(1, ge=1, le=64, description="Inference replicas (each one vLLM engine).")
     replica_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per inference replica.")
     replica_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per inference replica.")
+    replica_resources: RayResources = Field(
+        default_factory=dict, description="Custom Ray resources each inference replica takes (`ray start --resources`): "
+        "pins replicas to the nodes or GPU slots that offer them, or spreads them, one per node, with one unit per node.",
+    )
     max_loras: int = Field(4, ge=1, description="Adapters that may appear in one vLLM batch.")
     max_cpu_loras: int = Field(16, ge=1, description="Adapter versions kept loaded per replica (LRU).")
     max_tmpfs_adapters: int = Field(
@@ -319,6 +336,10 @@ class TrainerConfig(StrictModel):
     modal: ModalBackendConfig = Field(default_factory=ModalBackendConfig)
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the trainer.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for the trainer (fractional to share a device).")
+    resources: RayResources = Field(
+        default_factory=dict, description="Custom Ray resources the trainer takes: with colocation, give it and its "
+        "replicas a resource of the same GPU slot so Ray places them on one node (see the README's cluster section).",
+    )
     torch_threads: int | None = Field(None, ge=1, description="Threads for a step; default: Ray's (one per reserved CPU).")
     cpu_niceness: int = Field(
         10, ge=0, le=19,
@@ -395,6 +416,9 @@ class JournalConfig(StrictModel):
 class RouterConfig(StrictModel):
     """The HTTP ingress."""
 
+    resources: RayResources = Field(
+        default_factory=dict, description="Custom Ray resources the router takes (pins it to the nodes that offer them).",
+    )
     completion_log_size: int = Field(
         10000, ge=1, description="Completion records kept for feedback by completion id (oldest dropped)."
     )

@@ -143,7 +143,11 @@ class AdapterBroadcaster:
         sleep/wake commands, except a sleep its GPU is still under: a replica that (re)starts while the trainer
         steps on its device must not take that memory.
         """
-        self._seen[replica] = time.monotonic()
+        now = time.monotonic()
+        for gone in [r for r, seen in self._seen.items() if seen < now - 10 * self.replica_ttl_s]:
+            del self._seen[gone]  # replaced long ago: Serve gives a restarted replica a new id
+            self._devices.pop(gone, None)
+        self._seen[replica] = now
         self._devices[replica] = device
         fresh = generation != self.generation
         if fresh:

@@ -42,6 +42,7 @@ def fp32_trainer():
 
 # --- a real local Ray cluster and the real app, once per session -------------------------------
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -69,8 +70,15 @@ def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None) 
     wait_healthy(url, timeout, alive=None if process is None else (lambda: process.poll() is None))
 
 
+HEAD_RESOURCES = {"claas_head": 1, "claas_replica_slot": 1}
+SECOND_NODE_RESOURCES = {"claas_node2": 1, "claas_replica_slot": 1}
+"""Each node's own custom resource pins deployments to it (the session app's router and trainer take `claas_head`);
+one `claas_replica_slot` per node puts one inference replica on each."""
+
+
 class RayCluster:
-    """`ray start --head` from the venv, on loopback only, with ports of its own."""
+    """`ray start --head` from the venv, on loopback only, with ports of its own; `add_node` joins a second node
+    as `ray start --address` does on another machine."""
 
     def __init__(self, workdir: Path, num_cpus: int = 4):
         self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -80,24 +88,32 @@ class RayCluster:
         self.env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_worker_niceness="0",
                         PATH=f"{VENV_BIN}:{os.environ['PATH']}")
         self.workdir = workdir
+        self.nodes: list[RayNode] = []
         # Token auth is on (RAY_AUTH_MODE=token): a fresh machine has no token until one is generated.
         subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], check=True, env=self.env,
                        capture_output=True, timeout=60)
         subprocess.run(
             [str(VENV_BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
-             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-             "--disable-usage-stats"],
+             f"--resources={json.dumps(HEAD_RESOURCES)}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats"],
             check=True, env=self.env, cwd=ROOT, capture_output=True, timeout=120,
         )
+
+    def add_node(self, num_cpus: int = 1, resources: dict[str, float] = SECOND_NODE_RESOURCES) -> RayNode:
+        node = RayNode(self, num_cpus, resources)
+        self.nodes.append(node)
+        return node
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         env = dict(self.env, RAY_ADDRESS=self.address)
         return subprocess.run(list(args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=check)
 
     def stop(self) -> None:
-        # Graceful first, so replicas shut their engines down; then the processes themselves.
-        self.run(str(VENV_BIN / "serve"), "shutdown", "-y", "--address", self.dashboard, timeout=180, check=False)
+        # No graceful `serve shutdown` (20 s of the suite): each replica's orphan reaper takes its vLLM engine and
+        # tmpfs folder with it, and whatever is left is killed below.
         subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        for node in self.nodes:
+            node.kill()
         deadline = time.monotonic() + 15  # the orphan reaper needs a moment after a forced stop
         while orphan_engines() and time.monotonic() < deadline:
             time.sleep(1)
@@ -120,6 +136,19 @@ def engine_pids(expected: int = 2, timeout: float = 420) -> set[int]:
         if len(found) >= expected or time.monotonic() > deadline:
             return found
         time.sleep(1)
+
+
+def replica_pids(deployment: str, processes: list | None = None) -> list[int]:
+    """The processes of a deployment's Serve replicas: on this machine, or among `processes`."""
+    import psutil
+
+    marker = f"ServeReplica:claas-ray:{deployment}"
+    found = []
+    for process in psutil.process_iter() if processes is None else processes:
+        with contextlib.suppress(psutil.Error):
+            if any(marker in part for part in process.cmdline()):
+                found.append(process.pid)
+    return sorted(found)
 
 
 def orphan_engines() -> list:
@@ -161,10 +190,77 @@ def claas_ray_serve(config: Path, log_path: Path, port: int, dashboard_port: int
                 raise
 
 
-def write_serve_config(source: Path, target: Path, port: int, overrides: dict) -> Path:
-    """A copy of a shipped serve YAML with the test's port and folders, and nothing else changed."""
+class RayNode:
+    """A worker node on this machine with a temp dir and a custom resource of its own, started as Ray's test
+    clusters add one (tests/ray_worker_node.py). Its processes (raylet, agents, workers, their vLLM engines) all
+    descend from one, so `kill` takes down exactly them, as if its machine had died.
+
+    Not in a session of its own: Linux would schedule that session as one task against every thread of the
+    head's (autogroups), and a replica starting there got 5% of a core while the head served."""
+
+    def __init__(self, cluster: RayCluster, num_cpus: int, resources: dict[str, float]):
+        import tempfile
+
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="claas-node-", dir="/tmp"))  # short: Ray's socket paths
+        self.log = open(self.temp_dir.with_suffix(".log"), "w")  # noqa: SIM115 - closed in kill()
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "ray_worker_node.py"), f"--address={cluster.address}",
+             f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}", f"--temp-dir={self.temp_dir}"],
+            env=cluster.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while "is up" not in self.temp_dir.with_suffix(".log").read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the second Ray node did not start: {self.temp_dir.with_suffix('.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def processes(self) -> list:
+        """The node's processes, but not a replica's orphan reaper (it runs in a session of its own to outlive the
+        replica, and cleans up after it as after any lone crash)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.process.pid)
+            family = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        found = []
+        for process in family:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getsid(process.pid) == os.getsid(self.process.pid):
+                    found.append(process)
+        return found
+
+    def replica_pids(self, deployment: str) -> list[int]:
+        return replica_pids(deployment, self.processes())
+
+    def kill(self) -> None:
+        """SIGKILL, all at once: no process of the node gets to clean up or say goodbye."""
+        for process in self.processes():
+            with contextlib.suppress(Exception):
+                process.kill()
+        self.process.wait()
+        self.log.close()
+
+    def worker_logs(self, marker: str, chars: int = 4000) -> str:
+        """The end of the logs of this node's workers that mention `marker` (a replica's name), for a failure."""
+        found = []
+        for path in sorted(self.temp_dir.glob("session_*/logs/worker-*")):
+            text = path.read_text(errors="replace")
+            if marker in text:
+                found.append(f"--- {path.name}\n{text[-chars:]}")
+        return "\n".join(found)
+
+
+def write_serve_config(source: Path, target: Path, port: int, overrides: dict,
+                       env_vars: dict[str, str] | None = None) -> Path:
+    """A copy of a shipped serve YAML with the test's port, folders and settings, and nothing else changed;
+    `env_vars` go to every deployment (the application's runtime_env)."""
     spec = yaml.safe_load(source.read_text())
     spec["http_options"]["port"] = port
+    if env_vars:
+        spec["applications"][0].setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env_vars)
     args = spec["applications"][0]["args"]
     for section, values in overrides.items():
         if isinstance(values, dict):
@@ -177,17 +273,21 @@ def write_serve_config(source: Path, target: Path, port: int, overrides: dict) -
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
+    """Two Ray nodes on loopback: the head (4 CPUs) and a second node (1 CPU), each with its own custom resource."""
     cluster = RayCluster(tmp_path_factory.mktemp("ray"))
-    yield cluster
-    cluster.stop()
+    try:
+        cluster.add_node()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 # The session app tests the service's plumbing (queues, versions, broadcast, restarts, auth, the APIs), which does
-# not depend on the recipe: its steps skip the teacher's rollouts and the collapse guard and make one update, not
-# two: a few seconds on a short item instead of 25. That the shipped recipe teaches is asserted on an app that
-# runs configs/local.yaml as shipped (test_eval_run.py) and in-process (test_learning.py); the collapse guard
-# through an app in test_cli_serve.py.
-PLUMBING_TRAINING = {"teacher_rollouts": 0, "collapse_check_tokens": None, "optimizer_steps": 1}
+# not depend on the recipe: its steps skip the teacher's rollouts, the collapse guard and the KL guard's extra
+# forward pass, and make one update, not two: a few seconds on a short item instead of 25. That the shipped recipe
+# teaches is asserted on an app that runs configs/local.yaml as shipped (test_eval_run.py) and in-process
+# (test_learning.py); the collapse guard through an app in test_cli_serve.py, the KL guard in test_trainer_step.py.
+PLUMBING_TRAINING = {"teacher_rollouts": 0, "collapse_check_tokens": None, "max_kl_to_base": None, "optimizer_steps": 1}
 ADMIN_KEY = f"sk-claas-admin-{uuid.uuid4().hex}"
 TENANT_KEYS = {name: f"sk-claas-{name}-{uuid.uuid4().hex}" for name in ("alice", "bob", "openclaw")}
 MAX_PENDING_PER_ADAPTER = 8  # one step's batch (trainer.max_batch_items): a full queue drains in one step
@@ -200,9 +300,11 @@ def sha256_hex(key: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def app(ray_cluster, tmp_path_factory):
-    """configs/local.yaml deployed with `serve deploy` on the session cluster: 2 inference replicas, auth on, the
-    plumbing recipe (PLUMBING_TRAINING).
+def app(ray_cluster, s3_server, postgres_server, tmp_path_factory):
+    """configs/local.yaml made a cluster deployment (as configs/cluster.yaml is) and deployed with `serve deploy` on
+    the session's two-node cluster: router and trainer pinned to the head, one inference replica on each node,
+    adapters in S3 (moto's server) and the journal and completion log in PostgreSQL, the only state the nodes share.
+    Auth on, the plumbing recipe (PLUMBING_TRAINING).
 
     The admin key is in the config; the tenants' keys are SHA-256 digests in a keys file.
     """
@@ -214,13 +316,19 @@ def app(ray_cluster, tmp_path_factory):
     config = write_serve_config(
         ROOT / "configs" / "local.yaml", workdir / "serve.yaml", port,
         {
-            "serving": {"num_replicas": 2, "replica_num_cpus": 1},
+            "multi_node": True,
+            "serving": {"num_replicas": 2, "replica_num_cpus": 1, "replica_resources": {"claas_replica_slot": 1}},
             "training": PLUMBING_TRAINING,
-            "store": {"root": str(workdir / "adapters")},
+            "store": {"kind": "s3", "bucket": s3_server.new_bucket(), "prefix": "adapters",
+                      "endpoint_url": s3_server.endpoint_url, "root": str(workdir / "s3-cache")},
+            "journal": {"kind": "postgres", "dsn": postgres_server.new_database()},
             "state_dir": str(workdir / "state"),
-            "trainer": {"max_pending_per_adapter": MAX_PENDING_PER_ADAPTER, "tmpfs_dir": str(scratch)},
+            "trainer": {"max_pending_per_adapter": MAX_PENDING_PER_ADAPTER, "tmpfs_dir": str(scratch),
+                        "resources": {"claas_head": 0.5}},
+            "router": {"resources": {"claas_head": 0.5}},
             "auth": {"enabled": True, "keys": [{"key": ADMIN_KEY, "admin": True}], "keys_file": str(keys_file)},
         },
+        env_vars=S3_TEST_ENVIRONMENT,
     )
     ray_cluster.run(str(VENV_BIN / "serve"), "deploy", str(config), "--address", ray_cluster.dashboard)
     base_url = f"http://127.0.0.1:{port}"
@@ -243,9 +351,39 @@ class AppHandle:
         self.workdir = workdir
         self.cluster = cluster
         self.keys_file = keys_file
-        self.store_root = workdir / "adapters"
         self.state_dir = workdir / "state"
         self.admin_key = ADMIN_KEY
+
+    def diagnosis(self) -> str:
+        """What Serve and Ray say about the app and the cluster, for an assertion's message."""
+        serve = self.cluster.run(str(VENV_BIN / "serve"), "status", "--address", self.cluster.dashboard, check=False)
+        ray = self.cluster.run(str(VENV_BIN / "ray"), "status", check=False)
+        groups = self.cluster.run(str(VENV_BIN / "ray"), "list", "placement-groups", "--address", self.cluster.dashboard,
+                                  check=False)
+        return "\n".join(done.stdout[-3000:] + done.stderr[-1000:] for done in (serve, ray, groups))
+
+    def config(self):
+        from claas_ray.config import load_config
+
+        return load_config(yaml.safe_load(self.config_path.read_text())["applications"][0]["args"])
+
+    def store(self):
+        """The app's adapter store, as a deployment opens it."""
+        from claas_ray.stores import open_store
+
+        return open_store(self.config().store)
+
+    def journal(self):
+        from claas_ray.feedback.journal import FeedbackJournal
+        from claas_ray.sql_database import open_database
+
+        return FeedbackJournal(open_database(self.config(), "feedback.sqlite", "FULL"))
+
+    def completions(self):
+        from claas_ray.serving.completion_log import CompletionLog
+        from claas_ray.sql_database import open_database
+
+        return CompletionLog(open_database(self.config(), "completions.sqlite", "NORMAL"))
 
     @staticmethod
     def headers(key: str = ADMIN_KEY) -> dict[str, str]:
@@ -312,11 +450,14 @@ class S3Server:
         return name
 
 
+S3_TEST_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}
+"""Static test credentials, and no instance-metadata lookups: nothing may leave 127.0.0.1."""
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    # Static test credentials, and no instance-metadata lookups: nothing may leave 127.0.0.1.
-    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
+    os.environ.update(S3_TEST_ENVIRONMENT)
     server = S3Server()
     yield server
     server.process.kill()

@@ -125,7 +125,8 @@ def test_hyperparameters_in_feedback_are_ignored(app):
     config = yaml.safe_load(app.config_path.read_text())["applications"][0]["args"]
     assert item["metrics"]["learning_rate"] == pytest.approx(config.get("training", {}).get("learning_rate", 1e-3))
     assert not Path("/tmp/evil").exists()
-    assert not any("evil" in str(path) or "passwd" in str(path) for path in app.store_root.rglob("*"))
+    stored = app.store().list_adapters() + [str(path) for path in app.workdir.rglob("*")]  # S3 keys, local caches
+    assert not any("evil" in name or "passwd" in name for name in stored), stored
     assert app.request("GET", "/v1/lora/alice/steady", key=ALICE).json()["latest_version"] == 1
 
 

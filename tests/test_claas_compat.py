@@ -17,8 +17,6 @@ import pytest
 from conftest import TENANT_KEYS, engine_pids
 
 from claas_ray.config import TrainingConfig
-from claas_ray.feedback.journal import FeedbackJournal
-from claas_ray.serving.completion_log import CompletionLog
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +118,8 @@ def test_claas_feedback_waits_for_the_step_and_trains_on_the_served_completion(a
     assert item["source"] == "completion_log" and item["completion_id"] == served.id
     # What the step trained on is the served completion: its tokens, its sampling log-probs, and the whole
     # conversation it was generated in (the system prompt too), as the journal holds it.
-    journal = FeedbackJournal(app.state_dir / "feedback.sqlite")
-    record = CompletionLog(app.state_dir / "completions.sqlite").get(served.id)
+    journal = app.journal()  # PostgreSQL, as the router and the trainer reach it
+    record = app.completions().get(served.id)
     trained = journal.get(item["id"]).example
     assert trained.response_token_ids == record.response_token_ids and len(trained.response_token_ids) == served.usage.completion_tokens
     assert trained.response_logprobs == record.response_logprobs

@@ -60,6 +60,24 @@ def test_multi_node_refuses_state_in_one_nodes_files():
     assert cluster.node_local_state() == []
 
 
+def test_custom_resources_pin_each_deployment_and_reach_its_placement_group():
+    """A custom resource must be in the replica's one bundle as well as in its actor options, or Ray would never
+    place the actor in its own group."""
+    from deployments.placement import inference_options, router_options, trainer_options
+
+    config = load_config({"serving": {"replica_resources": {"replica_slot": 1}}, "trainer": {"resources": {"head": 0.5}},
+                          "router": {"resources": {"head": 0.25}}}, environ={})
+    inference = inference_options(config)
+    assert inference["ray_actor_options"]["resources"] == {"replica_slot": 1.0}
+    assert inference["placement_group_bundles"] == [{"CPU": 1.0, "replica_slot": 1.0}]
+    assert trainer_options(config)["placement_group_bundles"] == [{"CPU": 1.0, "head": 0.5}]
+    assert router_options(config)["ray_actor_options"] == {"num_cpus": 0, "resources": {"head": 0.25}}
+    assert "resources" not in inference_options(load_config({}, environ={}))["ray_actor_options"]
+    for bad, named in (({"CPU": 1}, "not a custom resource"), ({"slot": 0}, "above 0")):
+        with pytest.raises(ConfigError, match=rf"serving\.replica_resources.*{named}"):
+            load_config({"serving": {"replica_resources": bad}}, environ={})
+
+
 def test_environment_overrides_yaml():
     config = load_config(
         {"training": {"learning_rate": 1e-5, "teacher": "base"}},

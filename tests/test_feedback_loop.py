@@ -10,11 +10,8 @@ import time
 import zipfile
 
 import httpx
-import psutil
 import pytest
-from conftest import VENV_BIN
-
-from claas_ray.adapters import LocalAdapterStore
+from conftest import VENV_BIN, replica_pids
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +66,6 @@ def test_feedback_by_completion_id_is_served_by_every_replica(app):
     assert texts.pop() != before.choices[0].message.content
 
 
-def trainer_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if any("ServeReplica:claas-ray:trainer" in part for part in (p.info["cmdline"] or []))]
-
-
 def test_trainer_killed_mid_step_applies_acknowledged_feedback_exactly_once(app):
     client = app.openai()
     adapters = ["loop/carol", "loop/dave"]
@@ -91,13 +84,13 @@ def test_trainer_killed_mid_step_applies_acknowledged_feedback_exactly_once(app)
         if any(api(app, "GET", f"/v1/feedback/{fid}").json()["status"] == "training" for fid in ids):
             break
         time.sleep(0.05)
-    (pid,) = trainer_pids()
+    (pid,) = replica_pids("trainer")
     os.kill(pid, signal.SIGKILL)
 
     statuses = app.final_statuses(ids, timeout=420)
     assert all(s["status"] == "applied" for s in statuses), statuses
-    assert trainer_pids() and trainer_pids() != [pid]  # Serve restarted it
-    store = LocalAdapterStore(app.store_root)
+    assert replica_pids("trainer") and replica_pids("trainer") != [pid]  # Serve restarted it
+    store = app.store()
     for lora_id in adapters:
         named = [fid for meta in store.list_versions(lora_id) for fid in meta.feedback_ids]
         mine = [s["id"] for s in statuses if s["lora_id"] == lora_id]

@@ -13,7 +13,8 @@ from claas_ray.training.teacher import hindsight_messages
 
 pytestmark = pytest.mark.slow
 
-STEPS = 5  # feedback events: enough to show the move (seen in bf16 at 8 events: +21 and +33 nats), and each costs ~25 s
+STEPS = 4  # feedback events, ~25 s each: enough to show the move (bf16, 2026-12-02: French 4 of 4 accepted, +21 nats;
+#            identity +33 nats; at 8 events +21 and +33)
 
 CASES = [
     ("Tell me about your favourite season of the year.", "Answer only in French."),
@@ -60,7 +61,7 @@ def test_feedback_moves_student_toward_teacher(trainer, prompt, feedback):
         accepted += result.accepted
         state = result.state
         history.append((step, result.accepted, round(result.metrics["divergence"], 4), text[:60]))
-    assert accepted >= 2, history  # seen at 8 events: French 5 of 8 in bf16, 3 of 8 in fp32 (the rest refused as collapse)
+    assert accepted >= 2, history  # seen: French 4 of 4 at 4 events in bf16; 5 of 8 in bf16 and 3 of 8 in fp32 at 8
 
     # SDPO's objective: the student's own (greedy) answer, scored by the hindsight teacher, disagrees less.
     final_text, final_ids = trainer.generate(state, messages, max_new_tokens=48)

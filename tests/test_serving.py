@@ -8,9 +8,7 @@ import httpx
 import openai
 import pytest
 
-from claas_ray.adapters import LocalAdapterStore
 from claas_ray.config import APPENDED_HINDSIGHT_TEMPLATE, LoraConfig, TrainingConfig
-from claas_ray.serving.completion_log import CompletionLog
 from claas_ray.training import ChatMessage, TrainingExample
 
 pytestmark = pytest.mark.slow
@@ -88,7 +86,7 @@ def test_chat_logprobs(app):
 
 def test_completion_is_recorded_for_feedback(app):
     response = chat(app.openai(), max_tokens=10)
-    log = CompletionLog(app.state_dir / "completions.sqlite")
+    log = app.completions()
     record = log.get(response.id)
     assert record is not None
     assert record.response_text == response.choices[0].message.content
@@ -100,7 +98,7 @@ def test_completion_is_recorded_for_feedback(app):
 
 def test_models_and_adapter_routing(app, trainer):
     client = app.openai()
-    store = LocalAdapterStore(app.store_root)
+    store = app.store()  # S3, which every replica reads
     state = trainer.init_adapter(LoraConfig(), seed=0)
     store.create("tests/french", state)
     messages = [ChatMessage(role="user", content=QUESTION[0]["content"])]
