@@ -31,7 +31,7 @@ def main() -> None:
     )
     node = Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
     print(f"node {node.node_id} is up", flush=True)
-    signal.pause()  # the node's processes are this one's children, in its session: killing that takes them all
+    signal.pause()  # the node's processes descend from this one: killing its process tree takes them all
 
 
 if __name__ == "__main__":

@@ -79,23 +79,26 @@ def test_a_replicas_node_dies_and_the_service_recovers_with_nothing_lost(app):
 
     retrying = app.openai().with_options(max_retries=8)  # what a client does when a replica dies under it
 
-    def ask() -> tuple[int, str]:
+    def ask() -> tuple[int, str, str]:
         raw = retrying.chat.completions.with_raw_response.create(model="fault/node", messages=PROMPT, max_tokens=8,
                                                                    temperature=0)
-        return raw.parse().model_extra["claas"]["adapter_version"], raw.headers["x-claas-replica"]
+        reply = raw.parse()
+        return reply.model_extra["claas"]["adapter_version"], raw.headers["x-claas-replica"], reply.choices[0].message.content
 
     def answered_by(version: int, done, timeout: float = 420) -> set[str]:
         """Ask, one request a second as a user types (back to back they kept a starting replica from the CPU),
-        until the replicas that answered are `done`; every answer is from `version`."""
-        seen: set[str] = set()
+        until the replicas that answered are `done`; every answer is from `version`, and the same greedy text from
+        every replica (the same weights everywhere)."""
+        texts: dict[str, str] = {}
         deadline = time.monotonic() + timeout
-        while not done(seen):
-            assert time.monotonic() < deadline, (seen, app.diagnosis(), app.cluster.nodes[-1].worker_logs("inference"))
-            served, replica = ask()
+        while not done(set(texts)):
+            assert time.monotonic() < deadline, (texts, app.diagnosis(), app.cluster.nodes[-1].worker_logs("inference"))
+            served, replica, text = ask()
             assert served == version, (served, version)
-            seen.add(replica)
+            texts[replica] = text
             time.sleep(1.0)
-        return seen
+        assert len(set(texts.values())) == 1, texts
+        return set(texts)
 
     before = answered_by(1, lambda seen: len(seen) == 2)  # one replica on each node, both serving version 1
     scratch_before = {folder.name for folder in app.scratch.iterdir()}  # each replica wrote version 1 there
@@ -115,10 +118,13 @@ def test_a_replicas_node_dies_and_the_service_recovers_with_nothing_lost(app):
     applied_exactly_once(app, "fault/node", [first["id"], *ids])
     latest = app.request("GET", "/v1/lora/fault/node").json()["latest_version"]
     # The dead replica's tmpfs folder (RAM) was removed by its reaper; the head replica's is still in use.
+    def remaining() -> set[str]:
+        return scratch_before & {folder.name for folder in app.scratch.iterdir()}
+
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(scratch_before & {f.name for f in app.scratch.iterdir()}) > 1:
+    while time.monotonic() < deadline and len(remaining()) > 1:
         time.sleep(0.5)
-    assert len(scratch_before & {f.name for f in app.scratch.iterdir()}) == 1, list(app.scratch.iterdir())
+    assert len(remaining()) == 1, list(app.scratch.iterdir())
 
     after = answered_by(latest, lambda seen: bool(seen - before))  # the new replica serves the newest version
     assert len(replacement.replica_pids("inference")) == 1 and len(replica_pids("inference")) == 2, after

@@ -233,6 +233,21 @@ def test_the_feed_pins_the_newest_versions_of_a_bounded_number_of_adapters(monke
     asyncio.run(scenario())
 
 
+def test_the_feed_forgets_replicas_gone_long_ago():
+    """A restarted replica polls under a new id; ids not seen for ten liveness windows are dropped, so a trainer
+    that runs for months keeps bookkeeping for its live replicas only."""
+    async def scenario() -> None:
+        feed = AdapterBroadcaster(poll_timeout_s=0.01, replica_ttl_s=0.01)
+        for index in range(50):
+            await feed.poll(f"replica-{index}", None, 0, device=("node", frozenset({"0"})))
+        await asyncio.sleep(0.12)
+        await feed.poll("now", None, 0)
+        assert feed.live_replicas() == {"now"}
+        assert set(feed._seen) == {"now"} and set(feed._devices) == {"now"}  # the bookkeeping itself
+
+    asyncio.run(scenario())
+
+
 def test_a_step_sleeps_only_the_replicas_on_the_trainers_gpu():
     """Two nodes, three replicas: only the one on the trainer's GPU sleeps; the others keep serving and the step
     waits for none of them."""
