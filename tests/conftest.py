@@ -202,17 +202,18 @@ class RayNode:
         import tempfile
 
         self.temp_dir = Path(tempfile.mkdtemp(prefix="claas-node-", dir="/tmp"))  # short: Ray's socket paths
-        self.log = open(self.temp_dir.with_suffix(".log"), "w")  # noqa: SIM115 - closed in kill()
+        log_path = self.temp_dir.with_suffix(".log")
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in kill()
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).parent / "ray_worker_node.py"), f"--address={cluster.address}",
              f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}", f"--temp-dir={self.temp_dir}"],
             env=cluster.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 120
-        while "is up" not in self.temp_dir.with_suffix(".log").read_text():
+        while "is up" not in log_path.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"the second Ray node did not start: {self.temp_dir.with_suffix('.log').read_text()[-3000:]}")
+                raise RuntimeError(f"the second Ray node did not start: {log_path.read_text()[-3000:]}")
             time.sleep(0.5)
 
     def processes(self) -> list:
