@@ -20,7 +20,9 @@ def kl(p: np.ndarray, q: np.ndarray) -> float:
     return float(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0))
 
 
-def reference_loss(student_logits, teacher_logits, response, k, alpha, is_clip, kl_weight, base_lp, sample_lp, mask):
+def reference_loss(
+    student_logits, teacher_logits, response, k, alpha, is_clip, kl_weight, base_lp, sample_lp, mask, sample_weight=0.0
+):
     """Straight from the definition, one position at a time, in float64."""
     total, count = 0.0, 0
     for t in range(student_logits.shape[0]):
@@ -42,6 +44,7 @@ def reference_loss(student_logits, teacher_logits, response, k, alpha, is_clip, 
         if base_lp is not None:
             r = base_lp[t] - chosen
             value += kl_weight * (math.exp(r) - r - 1)
+        value -= sample_weight * chosen
         if mask[t]:
             total += value
             count += 1
@@ -59,7 +62,9 @@ def tensors():
     return student, teacher, response, base
 
 
-def run(student, teacher, response, *, k, alpha, is_clip=2.0, kl_weight=0.0, base=None, sample=None, mask=None):
+def run(
+    student, teacher, response, *, k, alpha, is_clip=2.0, kl_weight=0.0, base=None, sample=None, mask=None, sample_weight=0.0
+):
     mask = np.ones(len(response), dtype=bool) if mask is None else mask
     out = sdpo_loss(
         torch.tensor(student),
@@ -68,12 +73,13 @@ def run(student, teacher, response, *, k, alpha, is_clip=2.0, kl_weight=0.0, bas
         alpha=alpha,
         is_clip=is_clip,
         kl_weight=kl_weight,
+        sample_weight=sample_weight,
         base_logprobs=None if base is None else torch.tensor(base, dtype=torch.float32),
         sampling_logprobs=None if sample is None else torch.tensor(sample, dtype=torch.float32),
         mask=torch.tensor(mask),
     )
     got = float(out.loss_sum) / out.token_count
-    want = reference_loss(student, teacher, response, k, alpha, is_clip, kl_weight, base, sample, mask)
+    want = reference_loss(student, teacher, response, k, alpha, is_clip, kl_weight, base, sample, mask, sample_weight)
     return got, want, out
 
 
@@ -151,6 +157,23 @@ def test_kl_leash_to_base(tensors):
     assert out.kl_sum > 0
     without, _, _ = run(student, teacher, response, k=4, alpha=0.5)
     assert got == pytest.approx(without + 0.3 * out.kl_sum / out.token_count, rel=1e-4)
+
+
+def test_sample_weight_adds_cross_entropy_on_the_response(tensors):
+    student, teacher, response, base = tensors
+    got, want, _ = run(student, teacher, response, k=4, alpha=0.0, kl_weight=0.1, base=base, sample_weight=0.7)
+    assert got == pytest.approx(want, rel=1e-4)
+    without, _, _ = run(student, teacher, response, k=4, alpha=0.0, kl_weight=0.1, base=base)
+    nll = -np.mean([math.log(softmax(row.astype(np.float64))[tok]) for row, tok in zip(student, response)])
+    assert got == pytest.approx(without + 0.7 * nll, rel=1e-4)
+    # Its gradient raises the sampled tokens' logits: a descent step makes them likelier.
+    logits = torch.tensor(student, requires_grad=True)
+    sdpo_loss(
+        logits, torch.tensor(response), teacher_topk(torch.tensor(teacher), 4), alpha=0.0, is_clip=2.0, kl_weight=0.0,
+        sample_weight=5.0,
+    ).loss_sum.backward()
+    chosen_grad = logits.grad.gather(-1, torch.tensor(response).unsqueeze(-1))
+    assert bool((chosen_grad < 0).all())
 
 
 def test_mask_excludes_tokens(tensors):

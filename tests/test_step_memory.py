@@ -98,7 +98,7 @@ def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch):
 
     trainer._prepare(state)  # the reference left its update in the student slot
     targets, base = trainer._teacher_and_base([item], CONFIG, need_base=True)
-    sums = trainer._backward([item], targets, [trainer._chosen_logprobs(base[0], item.response_ids)], CONFIG,
+    sums = trainer._backward([item], targets, [trainer._chosen_logprobs(base[0], item.response_ids)], [0.0], CONFIG,
                              item.response_ids.shape[0])
     assert sums["loss"] / item.response_ids.shape[0] == pytest.approx(loss, rel=1e-4)
     # float32 rounding differs with the shapes (a 3-row matmul is blocked differently from a 21-row one) and

@@ -125,6 +125,23 @@ def test_teacher_rollouts_are_fluent_and_the_ones_the_feedback_explains_best(tra
     assert gains[0] > 0  # the feedback explains the best rollout better than the plain context does
 
 
+def test_rollout_sample_weight_is_cross_entropy_on_the_kept_rollouts_only(trainer):
+    state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=12)
+    # Without rollouts the weight has nothing to act on: the user's own response never gets it.
+    plain = [trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, rollout_sample_weight=w)).state for w in (0.0, 3.0)]
+    assert same_tensors(plain[0].student, plain[1].student)
+    # With rollouts (the same ones: a step is seeded), it adds their tokens' NLL to the loss and changes the update.
+    example = TrainingExample(messages=[ChatMessage(role="user", content="Tell me about the ocean.")],
+                              response_text="The ocean is big.", feedback="Answer as a bulleted list.")
+    small = {"teacher_rollouts": 4, "rollout_keep": 2, "rollout_max_tokens": 24, "optimizer_steps": 1,
+             "collapse_check_tokens": None, "max_kl_to_base": None}
+    without, weighted = (trainer.step(state, [example], TrainingConfig(**small, rollout_sample_weight=w)) for w in (0.0, 1.0))
+    assert without.metrics["teacher_rollouts"] >= 1
+    assert weighted.metrics["divergence"] == pytest.approx(without.metrics["divergence"], rel=1e-5)
+    assert weighted.metrics["loss"] > without.metrics["loss"] + 0.1  # a sampled token's NLL is well above 0.1 nats
+    assert not same_tensors(without.state.student, weighted.state.student)
+
+
 def test_non_finite_loss_is_rejected(trainer):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=8)
     poisoned = dict(state.student)

@@ -4,7 +4,7 @@ Shapes: T response tokens, V vocabulary, K teacher top-K. All log-probabilities 
 
 Per response token t the loss is
 
-    ratio_t * GJSD_alpha(student_t, teacher_t)  +  kl_weight * k3(student_t, base_t)
+    ratio_t * GJSD_alpha(student_t, teacher_t)  +  kl_weight * k3(student_t, base_t)  -  sample_weight * s_t
 
 - The divergence is taken over K+1 buckets: the teacher's top-K token ids, and a tail bucket holding
   the rest of each distribution's mass, so both sides stay normalised without renormalising to top-K.
@@ -12,6 +12,8 @@ Per response token t the loss is
   corrects for the response having been sampled by an older version of the adapter; 1 when unknown.
 - k3 = exp(b - s) - (b - s) - 1 with s, b the student's and base model's log-prob of the chosen token:
   Schulman's unbiased, non-negative estimator of KL(student || base), the leash to the base model.
+- sample_weight * -s_t: cross-entropy on the response's own tokens, for a response the teacher sampled and the
+  step selected (with alpha = 0 it moves the target from the teacher's distribution toward its sample).
 
 Tokens outside `mask` contribute nothing; the result is the mean over masked tokens.
 """
@@ -108,6 +110,7 @@ def sdpo_loss(
     alpha: float,
     is_clip: float,
     kl_weight: float,
+    sample_weight: float = 0.0,
     base_logprobs: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
@@ -138,6 +141,8 @@ def sdpo_loss(
         kl = torch.exp(log_ratio) - log_ratio - 1.0
         if kl_weight:
             per_token = per_token + kl_weight * kl
+    if sample_weight:
+        per_token = per_token - sample_weight * chosen
 
     return SDPOLossOutput(
         loss_sum=(per_token * mask).sum(),

@@ -394,10 +394,12 @@ class SDPOTrainer:
         params = self._slot_params(STUDENT)
         optimizer = _make_optimizer(params, state.optimizer, config)
         total_tokens = sum(item.response_ids.shape[0] for item in batch)
+        # Cross-entropy on the kept rollouts' own tokens (`rollout_sample_weight`); never on the user's response.
+        sample_weights = [0.0] * len(own) + [config.rollout_sample_weight] * len(rollouts)
         metrics: dict[str, float] = {}
         for update in range(config.optimizer_steps):
             optimizer.zero_grad(set_to_none=True)
-            sums = self._backward(batch, targets, base_logprobs, config, total_tokens)
+            sums = self._backward(batch, targets, base_logprobs, sample_weights, config, total_tokens)
             if update == 0:  # the batch as it was scored before any update
                 metrics = {
                     "loss": sums["loss"] / total_tokens,
@@ -458,6 +460,7 @@ class SDPOTrainer:
         batch: list[TokenizedExample],
         targets: list[TeacherTopK],
         base_logprobs: list[torch.Tensor | None],
+        sample_weights: list[float],
         config: TrainingConfig,
         total_tokens: int,
     ) -> dict[str, float]:
@@ -472,10 +475,12 @@ class SDPOTrainer:
         with self._weights(STUDENT):
             self._peft.train()  # LoRA dropout and checkpointing act only in train mode; the base has no dropout
             try:
-                for item, target, chosen_base in zip(batch, targets, base_logprobs):
+                for item, target, chosen_base, sample_weight in zip(batch, targets, base_logprobs, sample_weights):
                     self._set_checkpointing(threshold is not None and item.student_ids.shape[0] >= threshold)
                     hidden = self._response_hidden(item.student_ids, item.response_ids.shape[0])
-                    item_sums = self._loss_sums(hidden, item, target, chosen_base, config, scale=1.0 / total_tokens)
+                    item_sums = self._loss_sums(
+                        hidden, item, target, chosen_base, config, scale=1.0 / total_tokens, sample_weight=sample_weight
+                    )
                     for key, value in item_sums.items():
                         sums[key] += value
             finally:
@@ -490,6 +495,7 @@ class SDPOTrainer:
         chosen_base: torch.Tensor | None,
         config: TrainingConfig,
         scale: float | None,
+        sample_weight: float = 0.0,
     ) -> dict[str, float]:
         """The SDPO loss of one item from its student hidden states, a chunk of positions at a time.
 
@@ -509,6 +515,7 @@ class SDPOTrainer:
                 alpha=config.alpha,
                 is_clip=config.is_clip,
                 kl_weight=config.kl_weight,
+                sample_weight=sample_weight,
                 base_logprobs=None if chosen_base is None else chosen_base[chunk],
                 sampling_logprobs=None if sampling is None else sampling[chunk],
             )
@@ -547,7 +554,9 @@ class SDPOTrainer:
         """Responses the teacher samples in its own context, aligned to the student's prompt.
 
         Trained on with the same loss as the student's response (no importance ratio: they are the teacher's
-        own samples, so the forward KL on them is plain sequence-level distillation). Degenerate ones teach
+        own samples, so the forward KL on them is plain sequence-level distillation), plus cross-entropy on their
+        own tokens (`rollout_sample_weight`): the kept ones are the teacher's best samples, and distilling only its
+        average distribution would cap the student at the teacher's own compliance. Degenerate ones teach
         collapse and are dropped. Of the rest, the ones the feedback explains best are kept (`rollout_keep` in a
         step): the highest mean log-prob gain of the response from seeing the feedback (the same weights with
         and without it), which needs no verifier and knows nothing of what the feedback asks.
