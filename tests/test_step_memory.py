@@ -4,7 +4,8 @@ A step projects hidden states to the vocabulary a chunk of positions at a time, 
 the backward pass, and computes the base model's and the teacher's shared prefix once. Here the same step is
 written out the plain way (whole-sequence passes, full-vocabulary logits, no cache, no checkpointing) and
 compared: loss, gradients, updated weights and the KL guard's figure agree to float tolerance. Then a
-4,096-token conversation steps in bounded memory (before this work 2,048 tokens took 6.5 GB).
+4,096-token conversation steps in bounded memory (before this work 2,048 tokens took 6.5 GB), its KL guard
+reading only the end of the conversation.
 """
 
 from __future__ import annotations
@@ -134,6 +135,10 @@ def _rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
+EXAMPLE_SHORT = TrainingExample(messages=[ChatMessage(role="user", content="Do you sell rye bread?")],
+                                response_text="Yes, every day.", feedback="Be more concise.")
+
+
 def test_a_4096_token_conversation_steps_in_bounded_memory(trainer):
     """An agent's turn: a long system prompt of notes, a short answer. Before issue 18 a 2,048-token step took
     6.5 GB above the loaded model, and 7,600 tokens more than the machine's 24 GB; now a few hundred MB."""
@@ -146,10 +151,26 @@ def test_a_4096_token_conversation_steps_in_bounded_memory(trainer):
                               feedback="Be more concise.")
     (item,) = trainer._tokenize([example], CONFIG)
     assert item.student_ids.shape[0] >= 4096 - 64
+    state = trainer.init_adapter(LoraConfig())
+    assert trainer.step(state, [EXAMPLE_SHORT], CONFIG).accepted  # first-use costs (slots, weight pages) are not the step's
     before = _rss_mb()
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-    result = trainer.step(trainer.init_adapter(LoraConfig()), [example], CONFIG)
+    result = trainer.step(state, [example], CONFIG)
     peak = _peak_rss_mb() - before
+    kept = _rss_mb() - before
     assert result.accepted, result.reason
     assert result.metrics["tokens"] == item.response_ids.shape[0]
     assert peak < 1500, f"a 4,096-token step peaked {peak:.0f} MB above the loaded model"
+    # And gave its memory back to the system (the heap's free pages are trimmed after a step).
+    assert kept < 150, f"the trainer kept {kept:.0f} MB after the step"
+    # The KL guard read the conversation's last KL_GUARD_CONTEXT_TOKENS before the answer, with both models.
+    length = item.response_ids.shape[0]
+    ids = item.student_ids[-(step_module.KL_GUARD_CONTEXT_TOKENS + length):]
+    trainer._prepare(result.state)
+    logprobs = {}
+    for weights in ("student", "base"):
+        with torch.no_grad(), trainer._weights(weights):
+            logprobs[weights] = torch.log_softmax(trainer._logits(trainer._response_hidden(ids, length)), -1)
+    kl = float((logprobs["student"].exp() * (logprobs["student"] - logprobs["base"])).sum()) / length
+    assert kl > 0
+    assert result.metrics["kl_to_base_after"] == pytest.approx(kl, rel=1e-2)

@@ -169,6 +169,26 @@ def test_sampling_logprobs_drive_the_importance_ratio(trainer):
     assert result.metrics["is_clipped_fraction"] == 1.0 and result.metrics["is_ratio_mean"] == pytest.approx(2.0)
 
 
+def test_lora_dropout_acts_in_the_training_pass_only(trainer):
+    """A step puts only what needs train mode into it (checkpointing, LoRA dropout): dropout must still act on the
+    student's training pass, and never on a scoring pass."""
+
+    def adapter(dropout: float):
+        state = trainer.init_adapter(LoraConfig(rank=4, alpha=8, dropout=dropout), seed=13)
+        generator = torch.Generator().manual_seed(13)
+        for name, tensor in state.student.items():
+            if "lora_B" in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+        return state
+
+    plain, dropped = adapter(0.0), adapter(0.5)
+    response = trainer.tokenizer("Blue is a nice colour.", add_special_tokens=False)["input_ids"]
+    assert trainer.response_logprob(plain, MESSAGES, response) == trainer.response_logprob(dropped, MESSAGES, response)
+    config = TrainingConfig(**CORE, learning_rate=1e-3)
+    loss = {p: trainer.step(state, [EXAMPLE], config).metrics["loss"] for p, state in ((0.0, plain), (0.5, dropped))}
+    assert abs(loss[0.5] - loss[0.0]) > 1e-3 * abs(loss[0.0]), loss
+
+
 def test_rank_change_between_adapters(trainer):
     small = trainer.init_adapter(LoraConfig(rank=2, alpha=4), seed=11)
     big = trainer.init_adapter(LoraConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]), seed=12)
