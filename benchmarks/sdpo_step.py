@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from sdpo_scaling import _conversation, _memory_mb
+
 PROMPT = "Write a short paragraph about why the sea is salty."
 FEEDBACK = "Answer only in French."
 # Issue 18's table (2 threads, the same model, tokens and LoRA): (answer tokens, dtype) -> (seconds, peak RSS MB)
@@ -42,13 +44,6 @@ CLAAS_RAY_ISSUE_18 = {
 CORE_SETTINGS = {"teacher_rollouts": 0, "collapse_check_tokens": None, "optimizer_steps": 1, "own_response_tokens": None}
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not in /proc/self/status")
-
-
 def _measure(variant: str, steps: int, answer_tokens: int, prompt_tokens: int | None, dtype: str | None,
              code: str | None, queue) -> None:
     if code is not None:  # an older checkout of claas_ray, found before the installed one
@@ -61,7 +56,7 @@ def _measure(variant: str, steps: int, answer_tokens: int, prompt_tokens: int | 
     from claas_ray.models.registry import resolve_model_path
     from claas_ray.training import ChatMessage, SDPOTrainer, TrainingExample
 
-    imported = _rss_mb()
+    imported = _memory_mb("VmRSS")
     torch.manual_seed(0)
     model_config = ModelConfig()
     if dtype is not None:
@@ -72,8 +67,6 @@ def _measure(variant: str, steps: int, answer_tokens: int, prompt_tokens: int | 
         _, ids = trainer.generate(None, messages, max_new_tokens=answer_tokens)
         ids = [i for i in ids if i != trainer.tokenizer.eos_token_id][:answer_tokens]
     else:  # issue 18's shape: a fixed answer of exactly answer_tokens after a prompt of about prompt_tokens
-        from sdpo_scaling import _conversation
-
         messages, ids, _ = _conversation(trainer.tokenizer, prompt_tokens + answer_tokens, answer_tokens)
     example = TrainingExample(messages=messages, response_token_ids=ids, feedback=FEEDBACK)
     config = TrainingConfig()
@@ -110,7 +103,7 @@ def _measure(variant: str, steps: int, answer_tokens: int, prompt_tokens: int | 
 
     run = plain_step if variant == "plain_ce" else sdpo_step
     run()  # warm-up
-    loaded = _rss_mb()
+    loaded = _memory_mb("VmRSS")
     for values in parts.values():
         values.clear()
     times = []
@@ -151,10 +144,9 @@ def plain_peft_model(path: str, lora, dtype=None):
 
 def _run(variant: str, steps: int, answer_tokens: int, prompt_tokens: int | None = None, dtype: str | None = None,
          code: str | None = None) -> dict:
-    queue = mp.get_context("spawn").Queue()
-    process = mp.get_context("spawn").Process(
-        target=_measure, args=(variant, steps, answer_tokens, prompt_tokens, dtype, code, queue)
-    )
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_measure, args=(variant, steps, answer_tokens, prompt_tokens, dtype, code, queue))
     process.start()
     process.join()
     # A child that failed (or that the kernel killed for memory) leaves nothing in the queue: say so instead.
