@@ -71,16 +71,19 @@ def test_sleep_finishes_answers_in_flight_and_holds_new_ones_until_wake(engine):
         undisturbed = await answer(bare, story())
         started = asyncio.Event()
         in_flight = asyncio.create_task(answer(bare, story(), started))
-        await started.wait()
-        await bare.sleep(0)  # trainer.sleep_mode `wait`: returns once the answer in flight is done
-        assert in_flight.done()
-        finished = in_flight.result()
-        assert text(finished) == text(undisturbed) and finished[-1].finish_reason == undisturbed[-1].finish_reason
+        await asyncio.wait_for(started.wait(), timeout=120)
+        await bare.sleep(0)  # trainer.sleep_mode `wait`: returns once the engine has finished the answer in flight
+        try:
+            # Its last delta may still be on its way to this client, so it is awaited, asleep: an answer the sleep
+            # froze (`keep`) or aborted would never end whole.
+            finished = await asyncio.wait_for(in_flight, timeout=30)
+            assert text(finished) == text(undisturbed) and finished[-1].finish_reason == undisturbed[-1].finish_reason
 
-        held = asyncio.create_task(answer(bare, story(stream=False)))
-        await asyncio.sleep(1.0)
-        assert not held.done()  # asleep: queued, not answered, not refused
-        await bare.wake()
+            held = asyncio.create_task(answer(bare, story(stream=False)))
+            await asyncio.sleep(1.0)
+            assert not held.done()  # asleep: queued, not answered, not refused
+        finally:
+            await bare.wake()  # a failure here must not leave the module's engine asleep for the next tests
         (whole,) = await asyncio.wait_for(held, timeout=120)
         assert whole.text == text(undisturbed) and whole.finish_reason is not None
 
@@ -94,11 +97,13 @@ def test_an_answer_the_engine_aborts_is_an_error_not_a_stop(engine):
     async def scenario():
         started = asyncio.Event()
         in_flight = asyncio.create_task(answer(bare, story(), started))
-        await started.wait()
+        await asyncio.wait_for(started.wait(), timeout=120)
         await bare.llm.pause_generation(mode="abort")
-        with pytest.raises(GenerationInterrupted, match="abort"):
-            await in_flight
-        await bare.llm.resume_generation()
+        try:
+            with pytest.raises(GenerationInterrupted, match="abort"):
+                await asyncio.wait_for(in_flight, timeout=60)
+        finally:
+            await bare.llm.resume_generation()  # never leave the module's engine paused for the next tests
         assert text(await answer(bare, story()))  # serving again
 
     loop.run_until_complete(scenario())
