@@ -14,6 +14,7 @@ state is returned. README, "SDPO: the algorithm and its knobs", walks through it
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import re
 import sys
@@ -94,6 +95,7 @@ def trim_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if sys.platform != "linux":
         return None
@@ -161,7 +163,6 @@ class SDPOTrainer:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
         from peft.tuners.tuners_utils import BaseTunerLayer
-        from transformers.modeling_layers import GradientCheckpointingLayer
 
         if self._peft is not None and lora == self._slot_lora:
             return self._peft
@@ -189,9 +190,10 @@ class SDPOTrainer:
         upcast_lora_inputs(self._lora_layers)
         self._slot_param_cache: dict[str, dict[str, torch.nn.Parameter]] = {}
         self._peft.eval()  # new LoRA modules start in train mode; a step switches to it only for dropout
-        # What train mode changes for a step: checkpointing (decoder layers) and LoRA dropout. The base model
-        # has no dropout in a step, and walking its six thousand modules twice a step cost 5% of a short one.
-        self._train_mode_modules = [m for m in self._peft.modules() if isinstance(m, GradientCheckpointingLayer)] + [
+        # What train mode changes for a step: checkpointing and LoRA dropout. The base model has no dropout in a
+        # step, and walking its six thousand modules twice a step cost 5% of a short one. Checkpointing is read
+        # where `gradient_checkpointing` is set: on decoder layers in current transformers, the decoder in older.
+        self._train_mode_modules = [m for m in self._peft.modules() if hasattr(m, "gradient_checkpointing")] + [
             dropout
             for layer in self._lora_layers
             for dropout in getattr(layer, "lora_dropout", {}).values()
