@@ -16,7 +16,7 @@ import torch
 
 
 class _UpcastMatmul(torch.autograd.Function):
-    """`x.to(w.dtype) @ w.T`, saving `x` as it came (the tensor the base projection saved too)."""
+    """`x.to(w.dtype) @ w.T`, saving `x` as it came: one bf16 tensor for the projections that share an input."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -51,9 +51,9 @@ def upcast_lora_inputs(lora_layers: Iterable[torch.nn.Module]) -> None:
         lora_a = getattr(layer, "lora_A", None)
         if not isinstance(lora_a, torch.nn.ModuleDict) or not hasattr(layer, "cast_input_dtype_enabled"):
             continue
+        if not all(type(linear) is torch.nn.Linear and linear.bias is None for linear in lora_a.values()):
+            continue  # not PEFT's plain LoRA: its own cast stays
         for name, linear in list(lora_a.items()):
-            if type(linear) is not torch.nn.Linear or linear.bias is not None:
-                continue
             replacement = UpcastInputLinear(linear.in_features, linear.out_features, bias=False, device="meta")
             replacement.weight = linear.weight
             replacement.train(linear.training)
