@@ -38,7 +38,7 @@ def _placed(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, 
     resources included: those pin it to the nodes that offer them)."""
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **resources}
     return {
-        "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus, **({"resources": resources} if resources else {})},
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus, **_custom(resources)},
         "placement_group_bundles": [bundle],
         "placement_group_strategy": "STRICT_PACK",
     }
@@ -57,5 +57,9 @@ def trainer_options(config: ClaasConfig) -> dict[str, Any]:
 
 def router_options(config: ClaasConfig) -> dict[str, Any]:
     """The router does no compute: it must never wait for a CPU on a two-core machine."""
-    resources = config.router.resources
-    return {"ray_actor_options": {"num_cpus": 0, **({"resources": resources} if resources else {})}}
+    return {"ray_actor_options": {"num_cpus": 0, **_custom(config.router.resources)}}
+
+
+def _custom(resources: dict[str, float]) -> dict[str, Any]:
+    """Ray's `resources` actor option, given only when custom resources are configured."""
+    return {"resources": resources} if resources else {}

@@ -91,7 +91,8 @@ class FeedbackJournal:
     def next_batch(self, max_items: int) -> list[FeedbackEntry]:
         """Queued items of the adapter whose oldest item waits longest, in order (one step's batch).
 
-        A step has one set of settings: the batch ends before the first item that asks for other ones.
+        A step has one set of settings: the batch ends before the first item that asks for other ones. On
+        PostgreSQL the rows are locked only inside a transaction: `claim` is the way to take a batch.
         """
         locking = " FOR UPDATE SKIP LOCKED" if self._db.dialect == "postgres" else ""
         first = self._db.fetchone(f"SELECT adapter_id FROM feedback WHERE status = 'queued' ORDER BY seq LIMIT 1{locking}")
