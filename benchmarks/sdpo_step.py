@@ -3,7 +3,8 @@
 Each variant runs in its own child process so that its peak RSS is its own. Prints JSON. Tracked:
 `ratio.step_time` of the SDPO core (no teacher rollouts, no collapse guard; target <= 2.0, issue 2), and
 `collapse_guard.share_of_step`, the collapse guard's cost within a step with the shipped defaults (target
-<= 0.2, issue 15). The shipped step (rollouts and guard included) is reported beside them.
+<= 0.2, issue 15). The shipped step (rollouts, the greedy loop probe and the guard included) is reported beside
+them, with `loop_probe.share_of_step`.
 
 `--against-claas` measures issue 18's table instead: the SDPO core on a ~128-token prompt with answers of 64,
 256 and 1,024 tokens, in float32 and bfloat16, against the CLaaS DistillationTrainer figures that the issue's
@@ -72,7 +73,7 @@ def _measure(variant: str, steps: int, answer_tokens: int, prompt_tokens: int | 
     config = TrainingConfig()
     if variant == "sdpo_core":
         config = config.model_copy(update={k: v for k, v in CORE_SETTINGS.items() if k in TrainingConfig.model_fields})
-    parts: dict[str, list[float]] = {"collapse_check_seconds": [], "rollout_seconds": []}
+    parts: dict[str, list[float]] = {"collapse_check_seconds": [], "rollout_seconds": [], "loop_probe_seconds": []}
 
     def sdpo_step() -> None:
         result = trainer.step(state, [example], config)
@@ -222,6 +223,8 @@ def _against_plain(args: argparse.Namespace) -> dict:
         report["ratio"].update(shipped_step_time=shipped["median_step_seconds"] / plain["median_step_seconds"],
                                peak_rss=shipped["peak_rss_mb"] / plain["peak_rss_mb"])
         report["collapse_guard"] = {"median_seconds": shipped["median_collapse_check_seconds"], "share_of_step": guard_share}
+        report["loop_probe"] = {"median_seconds": shipped["median_loop_probe_seconds"],
+                                "share_of_step": shipped["median_loop_probe_seconds"] / shipped["median_step_seconds"]}
         report["meets_target"]["collapse_guard"] = guard_share <= report["target"]["collapse_guard_share_of_step"]
     return report
 

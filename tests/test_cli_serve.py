@@ -12,15 +12,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """configs/local.yaml through `claas-ray serve`, with a learning rate 50x too high and the KL guard off (so a
-    step on a degenerate response collapses the adapter), re-init as a conflict, per-request learning rate
+    """configs/local.yaml through `claas-ray serve`, with a learning rate 50x too high and the KL guard and the
+    unlikelihood on loops off (so a step on a degenerate response collapses the adapter), re-init as a conflict, per-request learning rate
     and KL weight allowed (auth is off: every caller is an admin), and serving and training on cores of their own."""
     tmp_path = tmp_path_factory.mktemp("cli-serve")
     port = free_port()
     config = write_serve_config(
         ROOT / "configs" / "local.yaml", tmp_path / "serve.yaml", port,
         {"store": {"root": str(tmp_path / "adapters")}, "state_dir": str(tmp_path / "state"),
-         "training": {"learning_rate": 5e-2, "optimizer_steps": 2, "max_kl_to_base": None, "teacher_rollouts": 0},
+         "training": {"learning_rate": 5e-2, "optimizer_steps": 2, "max_kl_to_base": None, "teacher_rollouts": 0,
+                      "repetition_unlikelihood": 0.0},
          "serving": {"cpu_cores": "0"}, "trainer": {"cpu_cores": "1"},
          "router": {"reinit": "conflict", "request_training": ["learning_rate", "kl_weight"]}},
     )

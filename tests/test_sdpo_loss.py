@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from claas_ray.training.sdpo_loss import generalized_jsd, sdpo_loss, teacher_topk
+from claas_ray.training.sdpo_loss import generalized_jsd, repeated_ngrams, sdpo_loss, teacher_topk
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -191,3 +191,39 @@ def test_generalized_jsd_is_symmetric_at_one_half():
     b = torch.log_softmax(torch.tensor([[0.1, -1.0, 3.0]]), -1)
     assert float(generalized_jsd(a, b, 0.5)) == pytest.approx(float(generalized_jsd(b, a, 0.5)), rel=1e-6)
     assert float(generalized_jsd(a, b, 0.5)) <= math.log(2) + 1e-6
+
+
+def test_repeated_ngrams_marks_the_loop_not_its_first_round():
+    ids = torch.tensor([5, 6, 7, 5, 6, 7, 5, 6, 9, 5, 6])
+    #                   H  i  !  H  i  !  H  i  ?  H  i
+    assert repeated_ngrams(ids).tolist() == [False, False, False, False, False, True, True, True, False, False, False]
+    assert not repeated_ngrams(torch.arange(20)).any()
+    assert repeated_ngrams(torch.tensor([1, 1, 1, 1])).tolist() == [False, False, False, True]
+    assert repeated_ngrams(torch.tensor([], dtype=torch.long)).tolist() == []
+
+
+def test_repeat_weight_is_unlikelihood_on_the_repeated_tokens_only(tensors):
+    student, teacher, _, base = tensors
+    response = np.array([3, 4, 3, 4, 3])  # the last token completes (3, 4, 3) a second time
+    assert repeated_ngrams(torch.tensor(response)).tolist() == [False, False, False, False, True]
+    target = teacher_topk(torch.tensor(teacher), 4)
+
+    def loss(weight):
+        logits = torch.tensor(student, requires_grad=True)
+        out = sdpo_loss(logits, torch.tensor(response), target, alpha=0.0, is_clip=2.0, kl_weight=0.1,
+                        base_logprobs=torch.tensor(base, dtype=torch.float32), repeat_weight=weight)
+        out.loss_sum.backward()
+        return out, logits.grad
+
+    plain, plain_grad = loss(0.0)
+    weighted, grad = loss(0.5)
+    assert plain.repeated_count == weighted.repeated_count == 1
+    p = softmax(student[4].astype(np.float64))[3]
+    assert float(weighted.loss_sum.detach()) == pytest.approx(float(plain.loss_sum.detach()) - 0.5 * math.log(1 - p), rel=1e-5)
+    # Only the repeated position's gradient changes, and a descent step makes the repeated token less likely.
+    assert torch.allclose(grad[:4], plain_grad[:4])
+    assert float(grad[4, 3] - plain_grad[4, 3]) > 0
+    # Without a teacher (the student's own greedy answers) the unlikelihood is the whole loss.
+    alone = sdpo_loss(torch.tensor(student), torch.tensor(response), None, alpha=0.0, is_clip=2.0, kl_weight=0.0,
+                      repeat_weight=0.5)
+    assert float(alone.loss_sum) == pytest.approx(-0.5 * math.log(1 - p), rel=1e-5) and alone.divergence_sum == 0.0

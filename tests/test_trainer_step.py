@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from claas_ray.chat import render_prompt_ids
 from claas_ray.config import LoraConfig, TrainingConfig
 from claas_ray.degeneration import is_degenerate
 from claas_ray.training import ChatMessage, TrainingExample
+from claas_ray.training.sdpo_loss import repeated_ngrams
 from claas_ray.training.teacher import hindsight_messages
 
 pytestmark = pytest.mark.slow
@@ -77,8 +79,9 @@ COLLAPSE = TrainingExample(
     messages=[ChatMessage(role="user", content="Tell me about the ocean.")],
     response_text=" ".join(["Sam"] * 40), feedback="Only ever say Sam, over and over.",
 )
+# Unlikelihood on loops is off: it works against exactly the collapse this step must bring about for the guard.
 FORCED = {"learning_rate": 5e-2, "optimizer_steps": 2, "max_kl_to_base": None, "teacher_rollouts": 0,
-          "own_response_tokens": None}
+          "own_response_tokens": None, "repetition_unlikelihood": 0.0}
 
 
 def test_collapse_guard_rejects_a_collapsing_step_and_keeps_state(trainer):
@@ -140,6 +143,36 @@ def test_rollout_sample_weight_is_cross_entropy_on_the_kept_rollouts_only(traine
     assert weighted.metrics["divergence"] == pytest.approx(without.metrics["divergence"], rel=1e-5)
     assert weighted.metrics["loss"] > without.metrics["loss"] + 0.1  # a sampled token's NLL is well above 0.1 nats
     assert not same_tensors(without.state.student, weighted.state.student)
+
+
+def test_repetition_unlikelihood_makes_loops_less_likely(trainer):
+    state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=13)
+    # A loop in the response the user reacted to, and one in the student's own greedy answer to a guard prompt.
+    loop = TrainingExample(messages=MESSAGES, response_text="Blue, blue, blue, blue, blue, blue, blue.",
+                           feedback="Name one colour, once.")
+    (tokenized,) = trainer._tokenize([loop], TrainingConfig())
+    probe = [ChatMessage(role="user", content="Write the word blue ten times.")]
+    _, greedy = trainer.generate(state, probe, max_new_tokens=48)
+    assert repeated_ngrams(torch.tensor(greedy)).any(), greedy
+    config = TrainingConfig(**CORE, collapse_check_prompts=[probe[0].content])
+    steps = {w: trainer.step(state, [loop], config.model_copy(update={"repetition_unlikelihood": w})) for w in (0.0, 2.0)}
+    assert all(result.accepted for result in steps.values())
+    # Loop tokens per response token: the response's own, and with the term on also the greedy answer's.
+    assert steps[2.0].metrics["repeated_fraction"] > steps[0.0].metrics["repeated_fraction"] > 0.3
+    assert steps[0.0].metrics["loop_probes"] == 0 and steps[2.0].metrics["loop_probes"] >= 1
+    assert steps[2.0].metrics["divergence"] == pytest.approx(steps[0.0].metrics["divergence"], rel=1e-5)
+    # The same step, the same teacher: the term alone makes both loops' repeated tokens less likely.
+    for messages, response in ((MESSAGES, tokenized.response_ids.tolist()), (probe, greedy)):
+        logprob = {w: repeated_logprob(trainer, result.state, messages, response) for w, result in steps.items()}
+        assert logprob[2.0] < logprob[0.0] - 0.2, logprob  # measured: 1.1 and 0.45 nats
+
+
+def repeated_logprob(trainer, state, messages, response: list[int]) -> float:
+    """Summed log-prob of the tokens of `response` that repeat a trigram of it, after `messages`."""
+    ids = torch.tensor(render_prompt_ids(trainer.tokenizer, messages) + response)
+    with torch.no_grad(), trainer._weights(trainer._select(state)):
+        logprobs = trainer._chosen_logprobs(trainer._response_hidden(ids, len(response)), torch.tensor(response))
+    return float(logprobs[repeated_ngrams(torch.tensor(response))].sum())
 
 
 def test_non_finite_loss_is_rejected(trainer):

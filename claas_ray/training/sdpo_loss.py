@@ -5,6 +5,7 @@ Shapes: T response tokens, V vocabulary, K teacher top-K. All log-probabilities 
 Per response token t the loss is
 
     ratio_t * GJSD_alpha(student_t, teacher_t)  +  kl_weight * k3(student_t, base_t)  -  sample_weight * s_t
+        +  repeat_weight * repeated_t * -log(1 - exp(s_t))
 
 - The divergence is taken over K+1 buckets: the teacher's top-K token ids, and a tail bucket holding
   the rest of each distribution's mass, so both sides stay normalised without renormalising to top-K.
@@ -14,6 +15,10 @@ Per response token t the loss is
   Schulman's unbiased, non-negative estimator of KL(student || base), the leash to the base model.
 - sample_weight * -s_t: cross-entropy on the response's own tokens, for a response the teacher sampled and the
   step selected (with alpha = 0 it moves the target from the teacher's distribution toward its sample).
+- repeat_weight * -log(1 - exp(s_t)) where the token completes a token n-gram the response already had
+  (`repeated_ngrams`): token-level unlikelihood (Welleck et al., 2019) on the response's own loops, which
+  lowers the probability of going round again without touching the tokens that start the loop. Without a
+  teacher (the student's own greedy answers, scored only for their loops) this is the whole loss.
 
 Tokens outside `mask` contribute nothing; the result is the mean over masked tokens.
 """
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 _TAIL_FLOOR = 1e-12
+REPEATED_NGRAM = 3  # a token repeats when it completes a token trigram seen earlier in the same response
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,22 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int) -> TeacherTopK:
     k = min(k, logprobs.shape[-1])
     values, ids = logprobs.topk(k, dim=-1)
     return TeacherTopK(logprobs=values, token_ids=ids)
+
+
+def repeated_ngrams(response_ids: torch.Tensor, n: int = REPEATED_NGRAM) -> torch.Tensor:
+    """[T] bool: the tokens that complete an n-gram of token ids already present earlier in the response.
+
+    "Hi Sam! Hi Sam! Hi Sam!" marks every token from the second "Sam" on; the first occurrence of each n-gram,
+    and so the text the loop repeats, is never marked.
+    """
+    ids = response_ids.tolist()
+    seen: set[tuple[int, ...]] = set()
+    flags = [False] * len(ids)
+    for end in range(n - 1, len(ids)):
+        gram = tuple(ids[end - n + 1 : end + 1])
+        flags[end] = gram in seen
+        seen.add(gram)
+    return torch.tensor(flags, dtype=torch.bool, device=response_ids.device)
 
 
 def student_buckets(student_logprobs: torch.Tensor, teacher: TeacherTopK) -> torch.Tensor:
@@ -100,17 +122,20 @@ class SDPOLossOutput:
     ratio_sum: float
     clipped_count: int
     token_count: int
+    repeated_count: int = 0
 
 
 def sdpo_loss(
     student_logits: torch.Tensor,
     response_ids: torch.Tensor,
-    teacher: TeacherTopK,
+    teacher: TeacherTopK | None,
     *,
     alpha: float,
     is_clip: float,
     kl_weight: float,
     sample_weight: float = 0.0,
+    repeat_weight: float = 0.0,
+    repeated: torch.Tensor | None = None,
     base_logprobs: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
@@ -118,13 +143,18 @@ def sdpo_loss(
     """Summed SDPO loss of one response (see the module docstring for the formula).
 
     student_logits [T, V] predict response_ids [T]; base_logprobs and sampling_logprobs are [T] log-probs
-    of those ids under the base model and under the sampler; mask [T] is 1 for tokens that count.
+    of those ids under the base model and under the sampler; mask [T] is 1 for tokens that count; repeated [T]
+    marks the tokens that repeat an n-gram of the response (default: `repeated_ngrams(response_ids)`). Without a
+    `teacher` there is no divergence term.
     """
     student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
     chosen = student_logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)  # [T]
     mask = torch.ones_like(chosen) if mask is None else mask.to(chosen.dtype)
 
-    divergence = generalized_jsd(student_buckets(student_logprobs, teacher), teacher.buckets(), alpha)
+    if teacher is None:
+        divergence = torch.zeros_like(chosen)
+    else:
+        divergence = generalized_jsd(student_buckets(student_logprobs, teacher), teacher.buckets(), alpha)
 
     if sampling_logprobs is None:
         ratio = torch.ones_like(chosen)
@@ -143,6 +173,10 @@ def sdpo_loss(
             per_token = per_token + kl_weight * kl
     if sample_weight:
         per_token = per_token - sample_weight * chosen
+    repeated = (repeated_ngrams(response_ids) if repeated is None else repeated.to(chosen.device)) & mask.bool()
+    if repeat_weight:
+        unlikely = -torch.log((-torch.expm1(chosen)).clamp(min=_TAIL_FLOOR))  # -log(1 - p), stable near p = 1
+        per_token = per_token + repeat_weight * repeated.to(chosen.dtype) * unlikely
 
     return SDPOLossOutput(
         loss_sum=(per_token * mask).sum(),
@@ -151,4 +185,5 @@ def sdpo_loss(
         ratio_sum=float((ratio * mask).sum()),
         clipped_count=int((clipped & mask.bool()).sum()),
         token_count=int(mask.sum()),
+        repeated_count=int(repeated.sum()),
     )

@@ -6,9 +6,9 @@ trainer serves any number of adapters, and the base weights are never written: o
 given to the optimizer, and the "base" passes run with the adapter layers disabled.
 
 A step: the teacher's context (the feedback, with the adapter's earlier feedback, before the user's
-message); teacher rollouts mixed in beside the user's own response; the SDPO loss and `optimizer_steps`
-AdamW updates; then the guards (finite loss and gradients, exact KL to the base, collapse) before the new
-state is returned. README, "SDPO: the algorithm and its knobs", walks through it.
+message); teacher rollouts mixed in beside the user's own response; the SDPO loss, with unlikelihood on the
+loops of those responses and of the student's own greedy answers, and `optimizer_steps` AdamW updates; then
+the guards (finite loss and gradients, exact KL to the base, collapse) before the new state is returned. README, "SDPO: the algorithm and its knobs", walks through it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from claas_ray.degeneration import is_degenerate
 from claas_ray.models.registry import resolve_model_path
 from claas_ray.training.example import TokenizedExample, TrainingExample, tokenize_example
 from claas_ray.training.lora_precision import upcast_lora_inputs
-from claas_ray.training.sdpo_loss import TeacherTopK, sdpo_loss, teacher_topk
+from claas_ray.training.sdpo_loss import TeacherTopK, repeated_ngrams, sdpo_loss, teacher_topk
 from claas_ray.training.teacher import ema_update, hindsight_messages, learn_feedback, remembered_feedback
 
 STUDENT = "student"
@@ -44,7 +44,7 @@ LOGIT_CHUNK_ELEMENTS = 1 << 23  # positions x vocabulary projected at once: 32 M
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 4 << 20
 SHARED_PREFIX_MIN_TOKENS = 32  # shorter common prefixes of the teacher's and the base's inputs are not worth a cache
-LOSS_SUMS = ("loss", "divergence", "kl", "ratio", "clipped", "tokens")
+LOSS_SUMS = ("loss", "divergence", "kl", "ratio", "clipped", "tokens", "repeated")
 TEACHER = "teacher"
 Weights = Literal["student", "teacher", "base"]
 
@@ -431,10 +431,19 @@ class SDPOTrainer:
         total_tokens = sum(item.response_ids.shape[0] for item in batch)
         # Cross-entropy on the kept rollouts' own tokens (`rollout_sample_weight`); never on the user's response.
         sample_weights = [0.0] * len(own) + [config.rollout_sample_weight] * len(rollouts)
+        probe_started = time.perf_counter()
+        loops = self._greedy_loops(examples, config) if config.repetition_unlikelihood and config.loop_probe_tokens else []
+        probe_seconds = time.perf_counter() - probe_started
+        # The student's own loops are scored for unlikelihood alone (no teacher, no leash, no cross-entropy), and
+        # add nothing to the token count the loss is averaged over.
+        no_teacher: list[None] = [None] * len(loops)
+        trained = batch + loops
+        trained_targets, trained_base = [*targets, *no_teacher], [*base_logprobs, *no_teacher]
+        sample_weights += [0.0] * len(loops)
         metrics: dict[str, float] = {}
         for update in range(config.optimizer_steps):
             optimizer.zero_grad(set_to_none=True)
-            sums = self._backward(batch, targets, base_logprobs, sample_weights, config, total_tokens)
+            sums = self._backward(trained, trained_targets, trained_base, sample_weights, config, total_tokens)
             if update == 0:  # the batch as it was scored before any update
                 metrics = {
                     "loss": sums["loss"] / total_tokens,
@@ -442,10 +451,13 @@ class SDPOTrainer:
                     "kl_to_base": sums["kl"] / total_tokens,
                     "is_ratio_mean": sums["ratio"] / total_tokens,
                     "is_clipped_fraction": sums["clipped"] / total_tokens,
+                    "repeated_fraction": sums["repeated"] / total_tokens,
                     "tokens": float(total_tokens),
                     "examples": float(len(own)),
                     "response_tokens": float(sum(item.response_ids.shape[0] for item in tokenized)),
                     "teacher_rollouts": float(len(rollouts)),
+                    "loop_probes": float(len(loops)),
+                    "loop_probe_seconds": probe_seconds,
                     "rollout_seconds": rollout_seconds,
                     "learning_rate": config.learning_rate,
                 }
@@ -493,7 +505,7 @@ class SDPOTrainer:
     def _backward(
         self,
         batch: list[TokenizedExample],
-        targets: list[TeacherTopK],
+        targets: list[TeacherTopK | None],
         base_logprobs: list[torch.Tensor | None],
         sample_weights: list[float],
         config: TrainingConfig,
@@ -531,7 +543,7 @@ class SDPOTrainer:
         self,
         hidden: torch.Tensor,
         item: TokenizedExample,
-        target: TeacherTopK,
+        target: TeacherTopK | None,
         chosen_base: torch.Tensor | None,
         config: TrainingConfig,
         scale: float | None,
@@ -546,16 +558,19 @@ class SDPOTrainer:
         leaf = hidden.detach().requires_grad_(scale is not None)
         response = item.response_ids.to(self.device)
         sampling = None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device)
+        repeated = repeated_ngrams(response)  # over the whole response: a loop spans the chunks
         sums = dict.fromkeys(LOSS_SUMS, 0.0)
         for chunk in self._chunks(hidden.shape[0]):
             out = sdpo_loss(
                 self._logits(leaf[chunk]),
                 response[chunk],
-                target.rows(chunk),
+                None if target is None else target.rows(chunk),
                 alpha=config.alpha,
                 is_clip=config.is_clip,
                 kl_weight=config.kl_weight,
                 sample_weight=sample_weight,
+                repeat_weight=config.repetition_unlikelihood,
+                repeated=repeated[chunk],
                 base_logprobs=None if chosen_base is None else chosen_base[chunk],
                 sampling_logprobs=None if sampling is None else sampling[chunk],
             )
@@ -567,6 +582,7 @@ class SDPOTrainer:
             sums["ratio"] += out.ratio_sum
             sums["clipped"] += out.clipped_count
             sums["tokens"] += out.token_count
+            sums["repeated"] += out.repeated_count
         if scale is not None and leaf.grad is not None:
             hidden.backward(leaf.grad)
         return sums
@@ -655,6 +671,32 @@ class SDPOTrainer:
         tokens are enough to see it: this costs one short batched generation, not full answers. A long
         conversation (an agent's) is asked by its last user turn alone, so the check's cost does not grow with it.
         """
+        with self._weights(STUDENT):
+            rows = self._sample(self._probe_prompts(examples, config), config.collapse_check_tokens, 0.0, 0)
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+        degenerate = [text for text in texts if is_degenerate(text)]
+        return degenerate if 2 * len(degenerate) >= len(texts) else []
+
+    @torch.no_grad()
+    def _greedy_loops(self, examples: Sequence[TrainingExample], config: TrainingConfig) -> list[TokenizedExample]:
+        """The student's greedy answers (before the update) to the guard's prompts, where they repeat themselves.
+
+        A collapsing adapter loops in its greedy answers long before its sampled ones: the responses users react
+        to, sampled at a temperature, rarely go round a loop, so unlikelihood on them alone has little to act on.
+        """
+        loops = []
+        prompts = self._probe_prompts(examples, config)
+        with self._weights(STUDENT):
+            rows = self._sample(prompts, config.loop_probe_tokens, 0.0, config.seed)
+        for prompt, row in zip(prompts, rows):
+            response = torch.tensor(row, dtype=torch.long)
+            if repeated_ngrams(response).any():
+                ids = torch.cat([torch.tensor(prompt, dtype=torch.long), response])
+                loops.append(TokenizedExample(student_ids=ids, teacher_ids=ids, response_ids=response, sampling_logprobs=None))
+        return loops
+
+    def _probe_prompts(self, examples: Sequence[TrainingExample], config: TrainingConfig) -> list[list[int]]:
+        """The batch's prompts and the guard's general ones, each once; a long conversation by its last user turn."""
         prompts: dict[tuple[int, ...], None] = {}
         for example in examples:
             ids = render_prompt_ids(self.tokenizer, example.messages)
@@ -664,11 +706,7 @@ class SDPOTrainer:
             prompts[tuple(ids)] = None
         for text in config.collapse_check_prompts:
             prompts[tuple(render_prompt_ids(self.tokenizer, [ChatMessage(role="user", content=text)]))] = None
-        with self._weights(STUDENT):
-            rows = self._sample([list(prompt) for prompt in prompts], config.collapse_check_tokens, 0.0, 0)
-        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
-        degenerate = [text for text in texts if is_degenerate(text)]
-        return degenerate if 2 * len(degenerate) >= len(texts) else []
+        return [list(prompt) for prompt in prompts]
 
     @torch.no_grad()
     def _kl_to_base(self, batch: list[TokenizedExample], base_hidden: list[torch.Tensor]) -> float:
