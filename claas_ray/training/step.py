@@ -558,7 +558,7 @@ class SDPOTrainer:
         leaf = hidden.detach().requires_grad_(scale is not None)
         response = item.response_ids.to(self.device)
         sampling = None if item.sampling_logprobs is None else item.sampling_logprobs.to(self.device)
-        repeated = repeated_ngrams(response)  # over the whole response: a loop spans the chunks
+        repeated = repeated_ngrams(item.response_ids).to(self.device)  # whole (a loop spans chunks), on the host
         sums = dict.fromkeys(LOSS_SUMS, 0.0)
         for chunk in self._chunks(hidden.shape[0]):
             out = sdpo_loss(
