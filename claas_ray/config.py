@@ -182,8 +182,8 @@ class TrainingConfig(StrictModel):
         "response already had, in the responses a step trains on and in the student's own greedy answers to the "
         "collapse guard's prompts (loop_probe_tokens, before the update): the student is taught not to go round a loop, "
         "whatever the feedback asked. 0 (default): off. On the 135M model 1 halved the looping of the preferences that "
-        "collapse and raised their clean compliance, but cost 1 to 2% of general-text NLL, which took `concise` over "
-        "the 3% bound: README, 'How the defaults were tuned'.",
+        "collapse and raised their clean compliance, but cost 0.5 to 2 points of general-text NLL, which took "
+        "`concise` over the 3% bound: README, 'How the defaults were tuned'.",
     )
     loop_probe_tokens: int = Field(
         48, ge=0, le=256,

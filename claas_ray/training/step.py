@@ -8,7 +8,8 @@ given to the optimizer, and the "base" passes run with the adapter layers disabl
 A step: the teacher's context (the feedback, with the adapter's earlier feedback, before the user's
 message); teacher rollouts mixed in beside the user's own response; the SDPO loss, with unlikelihood on the
 loops of those responses and of the student's own greedy answers, and `optimizer_steps` AdamW updates; then
-the guards (finite loss and gradients, exact KL to the base, collapse) before the new state is returned. README, "SDPO: the algorithm and its knobs", walks through it.
+the guards (finite loss and gradients, exact KL to the base, collapse) before the new state is returned.
+README, "SDPO: the algorithm and its knobs", walks through it.
 """
 
 from __future__ import annotations
@@ -432,7 +433,8 @@ class SDPOTrainer:
         # Cross-entropy on the kept rollouts' own tokens (`rollout_sample_weight`); never on the user's response.
         sample_weights = [0.0] * len(own) + [config.rollout_sample_weight] * len(rollouts)
         probe_started = time.perf_counter()
-        loops = self._greedy_loops(examples, config) if config.repetition_unlikelihood and config.loop_probe_tokens else []
+        probing = config.repetition_unlikelihood > 0 and config.loop_probe_tokens > 0
+        loops = self._greedy_loops(examples, config) if probing else []
         probe_seconds = time.perf_counter() - probe_started
         # The student's own loops are scored for unlikelihood alone (no teacher, no leash, no cross-entropy), and
         # add nothing to the token count the loss is averaged over.
@@ -692,7 +694,9 @@ class SDPOTrainer:
             response = torch.tensor(row, dtype=torch.long)
             if repeated_ngrams(response).any():
                 ids = torch.cat([torch.tensor(prompt, dtype=torch.long), response])
-                loops.append(TokenizedExample(student_ids=ids, teacher_ids=ids, response_ids=response, sampling_logprobs=None))
+                loops.append(
+                    TokenizedExample(student_ids=ids, teacher_ids=ids, response_ids=response, sampling_logprobs=None)
+                )
         return loops
 
     def _probe_prompts(self, examples: Sequence[TrainingExample], config: TrainingConfig) -> list[list[int]]:
