@@ -159,6 +159,36 @@ def test_kl_leash_to_base(tensors):
     assert got == pytest.approx(without + 0.3 * out.kl_sum / out.token_count, rel=1e-4)
 
 
+def test_bucketed_leash_is_kl_to_the_base_distribution(tensors):
+    """`base_topk`: KL(student || base) over the base's top-K and a tail bucket, in place of the k3 estimate.
+    Unlike k3 it sees the whole distribution: a student that moved mass between tokens the response does not
+    contain is leashed too."""
+    student, teacher, response, base_lp = tensors
+    base_logits = np.random.default_rng(11).normal(size=student.shape).astype(np.float32) * 2
+    want = 0.0
+    for t in range(student.shape[0]):
+        ps, pb = softmax(student[t].astype(np.float64)), softmax(base_logits[t].astype(np.float64))
+        top = np.argsort(-pb, kind="stable")[:4]
+        want += kl(np.append(ps[top], 1.0 - ps[top].sum()), np.append(pb[top], 1.0 - pb[top].sum()))
+    target = teacher_topk(torch.tensor(teacher), 4)
+
+    def loss(**leash):
+        return sdpo_loss(torch.tensor(student), torch.tensor(response), target, alpha=0.0, is_clip=2.0,
+                         kl_weight=0.3, **leash)
+
+    plain = sdpo_loss(torch.tensor(student), torch.tensor(response), target, alpha=0.0, is_clip=2.0, kl_weight=0.0)
+    bucketed = loss(base_topk=teacher_topk(torch.tensor(base_logits), 4),
+                    base_logprobs=torch.tensor(base_lp, dtype=torch.float32))  # the distribution wins
+    assert bucketed.kl_sum == pytest.approx(want, rel=1e-4)
+    assert float(bucketed.loss_sum) == pytest.approx(float(plain.loss_sum) + 0.3 * want, rel=1e-4)
+    assert bucketed.kl_sum != pytest.approx(loss(base_logprobs=torch.tensor(base_lp, dtype=torch.float32)).kl_sum,
+                                            rel=1e-2)
+    # The student equal to the base: no leash at all, whatever tokens the response holds.
+    same = sdpo_loss(torch.tensor(base_logits), torch.tensor(response), target, alpha=0.0, is_clip=2.0, kl_weight=0.3,
+                     base_topk=teacher_topk(torch.tensor(base_logits), 4))
+    assert same.kl_sum == pytest.approx(0.0, abs=1e-5)
+
+
 def test_sample_weight_adds_cross_entropy_on_the_response(tensors):
     student, teacher, response, base = tensors
     got, want, _ = run(student, teacher, response, k=4, alpha=0.0, kl_weight=0.1, base=base, sample_weight=0.7)

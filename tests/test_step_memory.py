@@ -61,9 +61,11 @@ def _reference(trainer, state, example: TrainingExample, config: TrainingConfig)
     for parameter in params.values():
         parameter.grad = None
     with trainer._weights("student"):
+        leash = ({"base_logprobs": chosen(base_full)} if config.leash_top_k is None
+                 else {"base_topk": teacher_topk(base_full, config.leash_top_k)})
         out = sdpo_loss(
             logits(item.student_ids), item.response_ids, target, alpha=config.alpha, is_clip=config.is_clip,
-            kl_weight=config.kl_weight, base_logprobs=chosen(base_full), sampling_logprobs=item.sampling_logprobs,
+            kl_weight=config.kl_weight, sampling_logprobs=item.sampling_logprobs, **leash,
         )
         (out.loss_sum / length).backward()
     grads = {name: parameter.grad.clone() for name, parameter in params.items()}
@@ -83,7 +85,9 @@ def _reference(trainer, state, example: TrainingExample, config: TrainingConfig)
     return float(out.loss_sum.detach()) / length, grads, updated, kl_after, item
 
 
-def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch):
+@pytest.mark.parametrize("leash_top_k", [64, None], ids=["bucketed-leash", "k3-leash"])
+def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch, leash_top_k):
+    config = CONFIG.model_copy(update={"leash_top_k": leash_top_k})
     trainer = fp32_trainer  # float32 precision is what "the same result" is checked to
     # Three positions per vocabulary chunk, so a 20-token answer is cut into several chunks.
     monkeypatch.setattr(step_module, "LOGIT_CHUNK_ELEMENTS", 3 * trainer.base.config.vocab_size)
@@ -94,12 +98,12 @@ def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch):
     sampled = [-0.5 - 0.1 * (index % 7) for index in range(len(response))]
     example = TrainingExample(messages=messages, response_token_ids=response, response_logprobs=sampled,
                               feedback="Answer in one short sentence.")
-    loss, grads, updated, kl_after, item = _reference(trainer, state, example, CONFIG)
+    loss, grads, updated, kl_after, item = _reference(trainer, state, example, config)
     assert item.student_start > step_module.SHARED_PREFIX_MIN_TOKENS  # the shared-prefix path is the one taken
 
     trainer._prepare(state)  # the reference left its update in the student slot
-    targets, base = trainer._teacher_and_base([item], CONFIG, need_base=True)
-    sums = trainer._backward([item], targets, [trainer._chosen_logprobs(base[0], item.response_ids)], [0.0], CONFIG,
+    targets, base = trainer._teacher_and_base([item], config, need_base=True)
+    sums = trainer._backward([item], targets, [trainer._leash(item, base[0], config)], [0.0], config,
                              item.response_ids.shape[0])
     assert sums["loss"] / item.response_ids.shape[0] == pytest.approx(loss, rel=1e-4)
     # float32 rounding differs with the shapes (a 3-row matmul is blocked differently from a 21-row one) and
@@ -113,7 +117,7 @@ def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch):
         assert error < 2e-3, f"{name}: relative gradient error {error:.2e}"
         parameter.grad = None
 
-    result = trainer.step(state, [example], CONFIG)
+    result = trainer.step(state, [example], config)
     assert result.accepted, result.reason
     assert result.metrics["loss"] == pytest.approx(loss, rel=1e-4)
     assert result.metrics["kl_to_base_after"] == pytest.approx(kl_after, rel=1e-3, abs=1e-6)

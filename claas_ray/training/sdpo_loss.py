@@ -4,15 +4,18 @@ Shapes: T response tokens, V vocabulary, K teacher top-K. All log-probabilities 
 
 Per response token t the loss is
 
-    ratio_t * GJSD_alpha(student_t, teacher_t)  +  kl_weight * k3(student_t, base_t)  -  sample_weight * s_t
+    ratio_t * GJSD_alpha(student_t, teacher_t)  +  kl_weight * KL(student_t || base_t)  -  sample_weight * s_t
         +  repeat_weight * repeated_t * -log(1 - exp(s_t))
 
 - The divergence is taken over K+1 buckets: the teacher's top-K token ids, and a tail bucket holding
   the rest of each distribution's mass, so both sides stay normalised without renormalising to top-K.
 - ratio_t = min(exp(logp_student_now - logp_sampler), is_clip), detached: an off-policy weight that
   corrects for the response having been sampled by an older version of the adapter; 1 when unknown.
-- k3 = exp(b - s) - (b - s) - 1 with s, b the student's and base model's log-prob of the chosen token:
-  Schulman's unbiased, non-negative estimator of KL(student || base), the leash to the base model.
+- KL(student_t || base_t), the leash to the base model, over the base model's top-K tokens and a tail bucket
+  (`base_topk`), or else estimated by k3 = exp(b - s) - (b - s) - 1 with s, b the student's and base model's
+  log-prob of the chosen token (Schulman's unbiased, non-negative estimator). As a loss, k3 moves only that
+  token's probability toward the base's and spreads the difference over the rest of the vocabulary; the
+  bucketed KL compares the whole distribution with the base model's.
 - sample_weight * -s_t: cross-entropy on the response's own tokens, for a response the teacher sampled and the
   step selected (with alpha = 0 it moves the target from the teacher's distribution toward its sample).
 - repeat_weight * -log(1 - exp(s_t)) where the token completes a token n-gram the response already had
@@ -36,7 +39,8 @@ REPEATED_NGRAM = 3  # a token repeats when it completes a token trigram seen ear
 
 @dataclass(frozen=True)
 class TeacherTopK:
-    """The teacher's distribution at each response position, compressed to top-K plus tail."""
+    """A distribution at each response position, compressed to top-K plus tail: the teacher's targets, and the
+    base model's for the leash."""
 
     logprobs: torch.Tensor  # [T, K]
     token_ids: torch.Tensor  # [T, K]
@@ -137,14 +141,16 @@ def sdpo_loss(
     repeat_weight: float = 0.0,
     repeated: torch.Tensor | None = None,
     base_logprobs: torch.Tensor | None = None,
+    base_topk: TeacherTopK | None = None,
     sampling_logprobs: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> SDPOLossOutput:
     """Summed SDPO loss of one response (see the module docstring for the formula).
 
     student_logits [T, V] predict response_ids [T]; base_logprobs and sampling_logprobs are [T] log-probs
-    of those ids under the base model and under the sampler; mask [T] is 1 for tokens that count; repeated [T]
-    marks the tokens that repeat an n-gram of the response (default: `repeated_ngrams(response_ids)`). Without a
+    of those ids under the base model and under the sampler; `base_topk`, the base model's distribution, takes
+    the leash's place of `base_logprobs` where given; mask [T] is 1 for tokens that count; repeated [T] marks
+    the tokens that repeat an n-gram of the response (default: `repeated_ngrams(response_ids)`). Without a
     `teacher` there is no divergence term.
     """
     student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
@@ -166,11 +172,13 @@ def sdpo_loss(
 
     per_token = ratio * divergence
     kl = torch.zeros_like(chosen)
-    if base_logprobs is not None:
+    if base_topk is not None:
+        kl = _kl(student_buckets(student_logprobs, base_topk), base_topk.buckets())
+    elif base_logprobs is not None:
         log_ratio = base_logprobs.to(chosen.dtype) - chosen
         kl = torch.exp(log_ratio) - log_ratio - 1.0
-        if kl_weight:
-            per_token = per_token + kl_weight * kl
+    if kl_weight:
+        per_token = per_token + kl_weight * kl
     if sample_weight:
         per_token = per_token - sample_weight * chosen
     repeated = (repeated_ngrams(response_ids) if repeated is None else repeated.to(chosen.device)) & mask.bool()

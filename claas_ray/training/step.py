@@ -48,6 +48,8 @@ SHARED_PREFIX_MIN_TOKENS = 32  # shorter common prefixes of the teacher's and th
 LOSS_SUMS = ("loss", "divergence", "kl", "ratio", "clipped", "tokens", "repeated")
 TEACHER = "teacher"
 Weights = Literal["student", "teacher", "base"]
+BaseReference = torch.Tensor | TeacherTopK
+"""The leash's view of the base model for one response: log-probs [T] of its tokens (k3), or its top-K distribution."""
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,16 @@ class SDPOTrainer:
         parts = [teacher_topk(self._logits(hidden[chunk]), k) for chunk in self._chunks(hidden.shape[0])]
         return TeacherTopK(torch.cat([p.logprobs for p in parts]), torch.cat([p.token_ids for p in parts]))
 
+    def _leash(self, item: TokenizedExample, base_hidden: torch.Tensor | None, config: TrainingConfig
+               ) -> BaseReference | None:
+        """What the loss's leash compares the student with: the base model's top-K distribution at each position
+        (`training.leash_top_k`), or its log-probs of the response's own tokens for the k3 estimate."""
+        if base_hidden is None or config.kl_weight == 0:
+            return None
+        if config.leash_top_k is None:
+            return self._chosen_logprobs(base_hidden, item.response_ids)
+        return self._topk(base_hidden, config.leash_top_k)
+
     def _teacher_weights(self, config: TrainingConfig) -> Weights:
         return {"ema": TEACHER, "base": "base", "current": STUDENT}[config.teacher]
 
@@ -380,7 +392,7 @@ class SDPOTrainer:
 
     @torch.no_grad()
     def _base_hidden(self, batch: list[TokenizedExample]) -> list[torch.Tensor]:
-        """The base model's hidden states [T, H] at each response position: for the k3 leash and the KL guard,
+        """The base model's hidden states [T, H] at each response position: for the leash and the KL guard,
         which project them to the vocabulary chunk by chunk (the head has no LoRA, so this is the base's output)."""
         with self._weights("base"):
             return [self._response_hidden(item.student_ids, item.response_ids.shape[0]) for item in batch]
@@ -422,10 +434,7 @@ class SDPOTrainer:
             base_hidden = own_base + [
                 next(unscored) if rollout.base_hidden is None else rollout.base_hidden for rollout in rollouts
             ]
-        base_logprobs = [  # the base's log-probs of the chosen tokens, for the k3 leash
-            None if hidden is None or config.kl_weight == 0 else self._chosen_logprobs(hidden, item.response_ids)
-            for item, hidden in zip(batch, base_hidden)
-        ]
+        leash = [self._leash(item, hidden, config) for item, hidden in zip(batch, base_hidden)]
 
         params = self._slot_params(STUDENT)
         optimizer = _make_optimizer(params, state.optimizer, config)
@@ -440,7 +449,7 @@ class SDPOTrainer:
         # add nothing to the token count the loss is averaged over.
         no_teacher: list[None] = [None] * len(loops)
         trained = batch + loops
-        trained_targets, trained_base = [*targets, *no_teacher], [*base_logprobs, *no_teacher]
+        trained_targets, trained_base = [*targets, *no_teacher], [*leash, *no_teacher]
         sample_weights += [0.0] * len(loops)
         metrics: dict[str, float] = {}
         for update in range(config.optimizer_steps):
@@ -508,7 +517,7 @@ class SDPOTrainer:
         self,
         batch: list[TokenizedExample],
         targets: list[TeacherTopK | None],
-        base_logprobs: list[torch.Tensor | None],
+        leash: list[BaseReference | None],
         sample_weights: list[float],
         config: TrainingConfig,
         total_tokens: int,
@@ -524,11 +533,11 @@ class SDPOTrainer:
         with self._weights(STUDENT):
             self._set_train_mode(True)
             try:
-                for item, target, chosen_base, sample_weight in zip(batch, targets, base_logprobs, sample_weights):
+                for item, target, base, sample_weight in zip(batch, targets, leash, sample_weights):
                     self._set_checkpointing(threshold is not None and item.student_ids.shape[0] >= threshold)
                     hidden = self._response_hidden(item.student_ids, item.response_ids.shape[0])
                     item_sums = self._loss_sums(
-                        hidden, item, target, chosen_base, config, scale=1.0 / total_tokens, sample_weight=sample_weight
+                        hidden, item, target, base, config, scale=1.0 / total_tokens, sample_weight=sample_weight
                     )
                     for key, value in item_sums.items():
                         sums[key] += value
@@ -546,7 +555,7 @@ class SDPOTrainer:
         hidden: torch.Tensor,
         item: TokenizedExample,
         target: TeacherTopK | None,
-        chosen_base: torch.Tensor | None,
+        base: BaseReference | None,
         config: TrainingConfig,
         scale: float | None,
         sample_weight: float = 0.0,
@@ -573,7 +582,8 @@ class SDPOTrainer:
                 sample_weight=sample_weight,
                 repeat_weight=config.repetition_unlikelihood,
                 repeated=repeated[chunk],
-                base_logprobs=None if chosen_base is None else chosen_base[chunk],
+                base_logprobs=base[chunk] if isinstance(base, torch.Tensor) else None,
+                base_topk=base.rows(chunk) if isinstance(base, TeacherTopK) else None,
                 sampling_logprobs=None if sampling is None else sampling[chunk],
             )
             if scale is not None:
