@@ -187,6 +187,18 @@ def test_bucketed_leash_is_kl_to_the_base_distribution(tensors):
     same = sdpo_loss(torch.tensor(base_logits), torch.tensor(response), target, alpha=0.0, is_clip=2.0, kl_weight=0.3,
                      base_topk=teacher_topk(torch.tensor(base_logits), 4))
     assert same.kl_sum == pytest.approx(0.0, abs=1e-5)
+    # A student that swapped the base's two likeliest tokens other than the response's: the response's own
+    # token keeps its probability, so k3 sees nothing; the bucketed KL does.
+    swapped = base_logits.copy()
+    for t, token in enumerate(response):
+        first, second = [int(i) for i in np.argsort(-base_logits[t], kind="stable") if i != token][:2]
+        swapped[t, [first, second]] = swapped[t, [second, first]]
+    base_chosen = torch.log_softmax(torch.tensor(base_logits), -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+    k3 = sdpo_loss(torch.tensor(swapped), torch.tensor(response), target, alpha=0.0, is_clip=2.0, kl_weight=0.3,
+                   base_logprobs=base_chosen)
+    bucketed = sdpo_loss(torch.tensor(swapped), torch.tensor(response), target, alpha=0.0, is_clip=2.0, kl_weight=0.3,
+                         base_topk=teacher_topk(torch.tensor(base_logits), 4))
+    assert k3.kl_sum == pytest.approx(0.0, abs=1e-5) and bucketed.kl_sum > 0.1
 
 
 def test_sample_weight_adds_cross_entropy_on_the_response(tensors):

@@ -449,12 +449,12 @@ class SDPOTrainer:
         # add nothing to the token count the loss is averaged over.
         no_teacher: list[None] = [None] * len(loops)
         trained = batch + loops
-        trained_targets, trained_base = [*targets, *no_teacher], [*leash, *no_teacher]
+        trained_targets, trained_leash = [*targets, *no_teacher], [*leash, *no_teacher]
         sample_weights += [0.0] * len(loops)
         metrics: dict[str, float] = {}
         for update in range(config.optimizer_steps):
             optimizer.zero_grad(set_to_none=True)
-            sums = self._backward(trained, trained_targets, trained_base, sample_weights, config, total_tokens)
+            sums = self._backward(trained, trained_targets, trained_leash, sample_weights, config, total_tokens)
             if update == 0:  # the batch as it was scored before any update
                 metrics = {
                     "loss": sums["loss"] / total_tokens,
