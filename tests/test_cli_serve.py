@@ -94,8 +94,9 @@ def test_serving_and_training_run_on_the_cores_the_config_gives_them(served):
     everywhere = tuple(sorted(psutil.Process().cpu_affinity()))
     expected = {"VLLM::EngineCore": {everywhere}, "VLLM::Worker": {(0,)},
                 "ServeReplica:claas-ray:inference": {everywhere}, "ServeReplica:claas-ray:trainer": {(1,)}}
-    # Once (CI, 2026-12-02) the engine's processes were not there when this ran: a replica Serve replaced was still
-    # starting its engine. Its cores are what this test is about, so it waits for them; the failure says what ran.
+    # Once (CI, 2026-12-02) the engine's processes were not there when this ran, most likely because Serve had
+    # replaced the replica and the new one was still starting its engine (that log was not kept). Their cores are
+    # what this test is about, so it waits for them; a failure shows every process and the serve log's errors.
     deadline = time.monotonic() + 180
     while True:
         pinned, titles = pinned_cores(pid)
