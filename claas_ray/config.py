@@ -108,13 +108,23 @@ class TrainingConfig(StrictModel):
     )
     top_k: int = Field(100, ge=1, le=4096, description="Teacher log-probs kept per position (plus a tail bucket).")
     is_clip: float = Field(2.0, gt=0, description="Upper clip of the importance ratio student-now / sampler.")
-    kl_weight: float = Field(0.1, ge=0, description="Weight of the KL(student || base) leash.")
+    kl_weight: float = Field(
+        0.3, ge=0,
+        description="Weight of the KL(student || base) leash, where the feedback has no say (leash_concern_nats).",
+    )
     leash_top_k: int | None = Field(
         64, ge=1, le=4096,
         description="The leash is KL(student || base) over the base model's top-K tokens and a tail bucket at each "
         "position, as the teacher's targets are kept. None: Schulman's k3 estimate on the response's own token, "
         "which only sees that token; on the 135M model it raised general-text NLL with its weight (README, 'How the "
         "defaults were tuned').",
+    )
+    leash_concern_nats: float | None = Field(
+        0.5, gt=0,
+        description="Weight the leash at each position by exp(-c / this), where c is KL(teacher || base) there: how "
+        "much the feedback changes the base model's next token. Where the feedback is concerned (a list's first "
+        "dash, a name) the leash lets go; elsewhere it holds at kl_weight. None: the same weight everywhere. On the "
+        "135M model it raised clean compliance on five preferences of six over a uniform leash (README, 'The leash').",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     teacher: Literal["ema", "base", "current"] = Field(
@@ -482,8 +492,8 @@ class RouterConfig(StrictModel):
 
 
 TINKER_IGNORES = (
-    "alpha", "top_k", "is_clip", "kl_weight", "leash_top_k", "ema_rate", "max_kl_to_base", "feedback_memory",
-    "teacher_rollouts", "own_response_tokens", "optimizer_steps", "rollout_keep", "rollout_token_budget",
+    "alpha", "top_k", "is_clip", "kl_weight", "leash_top_k", "leash_concern_nats", "ema_rate", "max_kl_to_base",
+    "feedback_memory", "teacher_rollouts", "own_response_tokens", "optimizer_steps", "rollout_keep", "rollout_token_budget",
     "rollout_temperature", "rollout_max_tokens", "rollout_sample_weight", "repetition_unlikelihood",
     "loop_probe_tokens", "collapse_check_tokens", "collapse_check_prompts", "seed",
 )

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from claas_ray.training.sdpo_loss import generalized_jsd, repeated_ngrams, sdpo_loss, teacher_topk
+from claas_ray.training.sdpo_loss import (
+    feedback_concern,
+    generalized_jsd,
+    repeated_ngrams,
+    sdpo_loss,
+    teacher_topk,
+)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -199,6 +205,52 @@ def test_bucketed_leash_is_kl_to_the_base_distribution(tensors):
     bucketed = sdpo_loss(torch.tensor(swapped), torch.tensor(response), target, alpha=0.0, is_clip=2.0, kl_weight=0.3,
                          base_topk=teacher_topk(torch.tensor(base_logits), 4))
     assert k3.kl_sum == pytest.approx(0.0, abs=1e-5) and bucketed.kl_sum > 0.1
+
+
+def test_feedback_concern_is_kl_from_the_teacher_to_the_base(tensors):
+    """KL(teacher || base) over the teacher's top-K and a tail, per position: zero where seeing the feedback left
+    the base model's next token alone, large where it moved it."""
+    _, teacher, _, _ = tensors
+    base_logits = np.random.default_rng(12).normal(size=teacher.shape).astype(np.float32) * 2
+    want = []
+    for t in range(teacher.shape[0]):
+        pt, pb = softmax(teacher[t].astype(np.float64)), softmax(base_logits[t].astype(np.float64))
+        top = np.argsort(-pt, kind="stable")[:4]
+        want.append(kl(np.append(pt[top], 1.0 - pt[top].sum()), np.append(pb[top], 1.0 - pb[top].sum())))
+    target = teacher_topk(torch.tensor(teacher), 4)
+    got = feedback_concern(torch.log_softmax(torch.tensor(base_logits), -1), target)
+    assert got.tolist() == pytest.approx(want, rel=1e-4)
+    # The teacher equal to the base at the first position only: no concern there, some everywhere else.
+    same = base_logits.copy()
+    same[0] = teacher[0]
+    concern = feedback_concern(torch.log_softmax(torch.tensor(same), -1), target)
+    assert float(concern[0]) == pytest.approx(0.0, abs=1e-5) and bool((concern[1:] > 1e-3).all())
+
+
+def test_leash_weights_scale_the_leash_per_position(tensors):
+    """`leash_weights` scale the leash's term position by position; the KL it reports stays the unweighted one."""
+    student, teacher, response, _ = tensors
+    base = teacher_topk(torch.tensor(np.random.default_rng(13).normal(size=student.shape).astype(np.float32)), 4)
+    target = teacher_topk(torch.tensor(teacher), 4)
+
+    def loss(kl_weight: float, weights: list[float] | None):
+        return sdpo_loss(torch.tensor(student), torch.tensor(response), target, alpha=0.0, is_clip=2.0,
+                         kl_weight=kl_weight, base_topk=base,
+                         leash_weights=None if weights is None else torch.tensor(weights))
+
+    count = student.shape[0]
+    plain, unweighted = loss(0.0, None), loss(0.3, None)
+    assert float(loss(0.3, [1.0] * count).loss_sum) == pytest.approx(float(unweighted.loss_sum), rel=1e-6)
+    assert float(loss(0.3, [0.0] * count).loss_sum) == pytest.approx(float(plain.loss_sum), rel=1e-6)
+    leash = float(unweighted.loss_sum - plain.loss_sum)
+    assert leash > 0
+    # Each position's share, switched on alone, adds up to the whole leash; a position's share is its own KL.
+    alone = [loss(0.3, [1.0 if i == t else 0.0 for i in range(count)]) for t in range(count)]
+    shares = [float(out.loss_sum - plain.loss_sum) for out in alone]
+    assert sum(shares) == pytest.approx(leash, rel=1e-4)
+    assert min(shares) > 0 and max(shares) < leash
+    assert float(loss(0.3, [0.5] * count).loss_sum - plain.loss_sum) == pytest.approx(0.5 * leash, rel=1e-4)
+    assert all(out.kl_sum == pytest.approx(unweighted.kl_sum, rel=1e-6) for out in alone)
 
 
 def test_sample_weight_adds_cross_entropy_on_the_response(tensors):

@@ -18,7 +18,7 @@ import torch
 import claas_ray.training.step as step_module
 from claas_ray.config import LoraConfig, TrainingConfig
 from claas_ray.training import ChatMessage, TrainingExample
-from claas_ray.training.sdpo_loss import sdpo_loss, teacher_topk
+from claas_ray.training.sdpo_loss import feedback_concern, sdpo_loss, teacher_topk
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,8 @@ def _reference(trainer, state, example: TrainingExample, config: TrainingConfig)
     with trainer._weights("student"):
         leash = ({"base_logprobs": chosen(base_full)} if config.leash_top_k is None
                  else {"base_topk": teacher_topk(base_full, config.leash_top_k)})
+        if config.leash_concern_nats is not None:
+            leash["leash_weights"] = torch.exp(-feedback_concern(base_full, target) / config.leash_concern_nats)
         out = sdpo_loss(
             logits(item.student_ids), item.response_ids, target, alpha=config.alpha, is_clip=config.is_clip,
             kl_weight=config.kl_weight, sampling_logprobs=item.sampling_logprobs, **leash,
@@ -85,9 +87,10 @@ def _reference(trainer, state, example: TrainingExample, config: TrainingConfig)
     return float(out.loss_sum.detach()) / length, grads, updated, kl_after, item
 
 
-@pytest.mark.parametrize("leash_top_k", [64, None], ids=["bucketed-leash", "k3-leash"])
-def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch, leash_top_k):
-    config = CONFIG.model_copy(update={"leash_top_k": leash_top_k})
+@pytest.mark.parametrize(("leash_top_k", "concern"), [(64, None), (None, None), (64, 0.5)],
+                         ids=["bucketed-leash", "k3-leash", "concern-weighted-leash"])
+def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch, leash_top_k, concern):
+    config = CONFIG.model_copy(update={"leash_top_k": leash_top_k, "leash_concern_nats": concern})
     trainer = fp32_trainer  # float32 precision is what "the same result" is checked to
     # Three positions per vocabulary chunk, so a 20-token answer is cut into several chunks.
     monkeypatch.setattr(step_module, "LOGIT_CHUNK_ELEMENTS", 3 * trainer.base.config.vocab_size)
@@ -103,7 +106,7 @@ def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch, lea
 
     trainer._prepare(state)  # the reference left its update in the student slot
     targets, base = trainer._teacher_and_base([item], config, need_base=True)
-    sums = trainer._backward([item], targets, [trainer._leash(item, base[0], config)], [0.0], config,
+    sums = trainer._backward([item], targets, [trainer._leash(item, base[0], targets[0], config)], [0.0], config,
                              item.response_ids.shape[0])
     assert sums["loss"] / item.response_ids.shape[0] == pytest.approx(loss, rel=1e-4)
     # float32 rounding differs with the shapes (a 3-row matmul is blocked differently from a 21-row one) and

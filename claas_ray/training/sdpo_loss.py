@@ -4,7 +4,7 @@ Shapes: T response tokens, V vocabulary, K teacher top-K. All log-probabilities 
 
 Per response token t the loss is
 
-    ratio_t * GJSD_alpha(student_t, teacher_t)  +  kl_weight * KL(student_t || base_t)  -  sample_weight * s_t
+    ratio_t * GJSD_alpha(student_t, teacher_t)  +  kl_weight * w_t * KL(student_t || base_t)  -  sample_weight * s_t
         +  repeat_weight * repeated_t * -log(1 - exp(s_t))
 
 - The divergence is taken over K+1 buckets: the teacher's top-K token ids, and a tail bucket holding
@@ -16,6 +16,9 @@ Per response token t the loss is
   log-prob of the chosen token (Schulman's unbiased, non-negative estimator). As a loss, k3 moves only that
   token's probability toward the base's and spreads the difference over the rest of the vocabulary; the
   bucketed KL compares the whole distribution with the base model's.
+- w_t, the leash's weight at the position (1 unless `leash_weights` are given): the step sets it to
+  exp(-c_t / scale) with c_t = KL(teacher_t || base_t) (`feedback_concern`), how far seeing the feedback moves
+  the base model's next token there, so the leash holds where the feedback has no say and lets go where it has.
 - sample_weight * -s_t: cross-entropy on the response's own tokens, for a response the teacher sampled and the
   step selected (with alpha = 0 it moves the target from the teacher's distribution toward its sample).
 - repeat_weight * -log(1 - exp(s_t)) where the token completes a token n-gram the response already had
@@ -56,6 +59,11 @@ class TeacherTopK:
         """The distribution at a range of response positions (the loss is computed a chunk at a time)."""
         return TeacherTopK(logprobs=self.logprobs[positions], token_ids=self.token_ids[positions])
 
+    @staticmethod
+    def cat(chunks: list[TeacherTopK]) -> TeacherTopK:
+        """The chunks of consecutive positions, joined."""
+        return TeacherTopK(torch.cat([c.logprobs for c in chunks]), torch.cat([c.token_ids for c in chunks]))
+
 
 def log_remaining_mass(logprobs: torch.Tensor) -> torch.Tensor:
     """log(1 - sum(exp(logprobs))) over the last axis, floored so an all-mass top-K stays finite."""
@@ -66,9 +74,12 @@ def log_remaining_mass(logprobs: torch.Tensor) -> torch.Tensor:
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int) -> TeacherTopK:
     """Compress full teacher logits [T, V] to top-K log-probs and their token ids."""
-    logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)
-    k = min(k, logprobs.shape[-1])
-    values, ids = logprobs.topk(k, dim=-1)
+    return topk_of_logprobs(torch.log_softmax(teacher_logits.float(), dim=-1), k)
+
+
+def topk_of_logprobs(logprobs: torch.Tensor, k: int) -> TeacherTopK:
+    """The top-K of full log-probs [T, V], with their token ids."""
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     return TeacherTopK(logprobs=values, token_ids=ids)
 
 
@@ -97,6 +108,16 @@ def student_buckets(student_logprobs: torch.Tensor, teacher: TeacherTopK) -> tor
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """KL(p || q) over the last axis from log-probs."""
     return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def feedback_concern(base_logprobs: torch.Tensor, teacher: TeacherTopK) -> torch.Tensor:
+    """KL(teacher || base) [T] over the teacher's K+1 buckets, from the base model's full log-probs [T, V].
+
+    With the base model as the teacher, this is how much seeing the feedback changes the next token at each
+    position: large where the feedback has something to say (the dash that starts a list, the name), about zero
+    on the rest of the text.
+    """
+    return _kl(teacher.buckets(), student_buckets(base_logprobs, teacher))
 
 
 def generalized_jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -142,6 +163,7 @@ def sdpo_loss(
     repeated: torch.Tensor | None = None,
     base_logprobs: torch.Tensor | None = None,
     base_topk: TeacherTopK | None = None,
+    leash_weights: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> SDPOLossOutput:
@@ -149,7 +171,8 @@ def sdpo_loss(
 
     student_logits [T, V] predict response_ids [T]; base_logprobs and sampling_logprobs are [T] log-probs
     of those ids under the base model and under the sampler; `base_topk`, the base model's distribution, takes
-    the leash's place of `base_logprobs` where given; mask [T] is 1 for tokens that count; repeated [T] marks
+    the leash's place of `base_logprobs` where given; `leash_weights` [T] scale the leash per position (the
+    reported KL stays unweighted); mask [T] is 1 for tokens that count; repeated [T] marks
     the tokens that repeat an n-gram of the response (default: `repeated_ngrams(response_ids)`). Without a
     `teacher` there is no divergence term.
     """
@@ -178,7 +201,7 @@ def sdpo_loss(
         log_ratio = base_logprobs.to(chosen.dtype) - chosen
         kl = torch.exp(log_ratio) - log_ratio - 1.0
     if kl_weight:
-        per_token = per_token + kl_weight * kl
+        per_token = per_token + kl_weight * (kl if leash_weights is None else kl * leash_weights.to(kl.dtype))
     if sample_weight:
         per_token = per_token - sample_weight * chosen
     repeated = (repeated_ngrams(response_ids) if repeated is None else repeated.to(chosen.device)) & mask.bool()

@@ -35,7 +35,14 @@ from claas_ray.degeneration import is_degenerate
 from claas_ray.models.registry import resolve_model_path
 from claas_ray.training.example import TokenizedExample, TrainingExample, tokenize_example
 from claas_ray.training.lora_precision import upcast_lora_inputs
-from claas_ray.training.sdpo_loss import TeacherTopK, repeated_ngrams, sdpo_loss, teacher_topk
+from claas_ray.training.sdpo_loss import (
+    TeacherTopK,
+    feedback_concern,
+    repeated_ngrams,
+    sdpo_loss,
+    teacher_topk,
+    topk_of_logprobs,
+)
 from claas_ray.training.teacher import ema_update, hindsight_messages, learn_feedback, remembered_feedback
 
 STUDENT = "student"
@@ -48,8 +55,18 @@ SHARED_PREFIX_MIN_TOKENS = 32  # shorter common prefixes of the teacher's and th
 LOSS_SUMS = ("loss", "divergence", "kl", "ratio", "clipped", "tokens", "repeated")
 TEACHER = "teacher"
 Weights = Literal["student", "teacher", "base"]
-BaseReference = torch.Tensor | TeacherTopK
-"""The leash's view of the base model for one response: log-probs [T] of its tokens (k3), or its top-K distribution."""
+
+
+@dataclass(frozen=True)
+class Leash:
+    """The leash's view of the base model for one response, and how hard it pulls at each position."""
+
+    base: torch.Tensor | TeacherTopK  # log-probs [T] of the response's tokens (k3), or the top-K distribution
+    weights: torch.Tensor | None = None  # [T] factors on kl_weight (training.leash_concern_nats); None: 1
+
+    def rows(self, positions: slice) -> Leash:
+        base = self.base.rows(positions) if isinstance(self.base, TeacherTopK) else self.base[positions]
+        return Leash(base, None if self.weights is None else self.weights[positions])
 
 
 @dataclass(frozen=True)
@@ -314,18 +331,28 @@ class SDPOTrainer:
         ])
 
     def _topk(self, hidden: torch.Tensor, k: int) -> TeacherTopK:
-        parts = [teacher_topk(self._logits(hidden[chunk]), k) for chunk in self._chunks(hidden.shape[0])]
-        return TeacherTopK(torch.cat([p.logprobs for p in parts]), torch.cat([p.token_ids for p in parts]))
+        return TeacherTopK.cat([teacher_topk(self._logits(hidden[chunk]), k) for chunk in self._chunks(hidden.shape[0])])
 
-    def _leash(self, item: TokenizedExample, base_hidden: torch.Tensor | None, config: TrainingConfig
-               ) -> BaseReference | None:
+    def _leash(self, item: TokenizedExample, base_hidden: torch.Tensor | None, target: TeacherTopK,
+               config: TrainingConfig) -> Leash | None:
         """What the loss's leash compares the student with: the base model's top-K distribution at each position
-        (`training.leash_top_k`), or its log-probs of the response's own tokens for the k3 estimate."""
+        (`training.leash_top_k`), or its log-probs of the response's own tokens for the k3 estimate; and, with
+        `training.leash_concern_nats`, a weight per position that lets go where the feedback moves the teacher."""
         if base_hidden is None or config.kl_weight == 0:
             return None
-        if config.leash_top_k is None:
-            return self._chosen_logprobs(base_hidden, item.response_ids)
-        return self._topk(base_hidden, config.leash_top_k)
+        ids = item.response_ids.to(self.device).unsqueeze(-1)
+        bases: list[torch.Tensor | TeacherTopK] = []
+        weights: list[torch.Tensor] = []
+        for chunk in self._chunks(base_hidden.shape[0]):
+            logprobs = torch.log_softmax(self._logits(base_hidden[chunk]), -1)
+            if config.leash_top_k is None:
+                bases.append(logprobs.gather(-1, ids[chunk]).squeeze(-1))
+            else:
+                bases.append(topk_of_logprobs(logprobs, config.leash_top_k))
+            if config.leash_concern_nats is not None:
+                weights.append(torch.exp(-feedback_concern(logprobs, target.rows(chunk)) / config.leash_concern_nats))
+        base = torch.cat(bases) if config.leash_top_k is None else TeacherTopK.cat(bases)
+        return Leash(base, torch.cat(weights) if weights else None)
 
     def _teacher_weights(self, config: TrainingConfig) -> Weights:
         return {"ema": TEACHER, "base": "base", "current": STUDENT}[config.teacher]
@@ -434,7 +461,7 @@ class SDPOTrainer:
             base_hidden = own_base + [
                 next(unscored) if rollout.base_hidden is None else rollout.base_hidden for rollout in rollouts
             ]
-        leash = [self._leash(item, hidden, config) for item, hidden in zip(batch, base_hidden)]
+        leash = [self._leash(item, hidden, target, config) for item, hidden, target in zip(batch, base_hidden, targets)]
 
         params = self._slot_params(STUDENT)
         optimizer = _make_optimizer(params, state.optimizer, config)
@@ -451,6 +478,7 @@ class SDPOTrainer:
         trained = batch + loops
         trained_targets, trained_leash = [*targets, *no_teacher], [*leash, *no_teacher]
         sample_weights += [0.0] * len(loops)
+        leash_weights = [entry.weights for entry in leash if entry is not None and entry.weights is not None]
         metrics: dict[str, float] = {}
         for update in range(config.optimizer_steps):
             optimizer.zero_grad(set_to_none=True)
@@ -471,6 +499,8 @@ class SDPOTrainer:
                     "loop_probe_seconds": probe_seconds,
                     "rollout_seconds": rollout_seconds,
                     "learning_rate": config.learning_rate,
+                    # How much of the leash held, token-mean (training.leash_concern_nats; 1 without it).
+                    "leash_weight_mean": float(torch.cat(leash_weights).mean()) if leash_weights else 1.0,
                 }
             if not math.isfinite(sums["loss"]):
                 return self._reject(state, metrics, started, "loss is not finite")
@@ -517,7 +547,7 @@ class SDPOTrainer:
         self,
         batch: list[TokenizedExample],
         targets: list[TeacherTopK | None],
-        leash: list[BaseReference | None],
+        leash: list[Leash | None],
         sample_weights: list[float],
         config: TrainingConfig,
         total_tokens: int,
@@ -533,11 +563,11 @@ class SDPOTrainer:
         with self._weights(STUDENT):
             self._set_train_mode(True)
             try:
-                for item, target, base, sample_weight in zip(batch, targets, leash, sample_weights):
+                for item, target, item_leash, sample_weight in zip(batch, targets, leash, sample_weights):
                     self._set_checkpointing(threshold is not None and item.student_ids.shape[0] >= threshold)
                     hidden = self._response_hidden(item.student_ids, item.response_ids.shape[0])
                     item_sums = self._loss_sums(
-                        hidden, item, target, base, config, scale=1.0 / total_tokens, sample_weight=sample_weight
+                        hidden, item, target, item_leash, config, scale=1.0 / total_tokens, sample_weight=sample_weight
                     )
                     for key, value in item_sums.items():
                         sums[key] += value
@@ -555,7 +585,7 @@ class SDPOTrainer:
         hidden: torch.Tensor,
         item: TokenizedExample,
         target: TeacherTopK | None,
-        base: BaseReference | None,
+        leash: Leash | None,
         config: TrainingConfig,
         scale: float | None,
         sample_weight: float = 0.0,
@@ -572,6 +602,7 @@ class SDPOTrainer:
         repeated = repeated_ngrams(item.response_ids).to(self.device)  # whole (a loop spans chunks), on the host
         sums = dict.fromkeys(LOSS_SUMS, 0.0)
         for chunk in self._chunks(hidden.shape[0]):
+            rows = None if leash is None else leash.rows(chunk)
             out = sdpo_loss(
                 self._logits(leaf[chunk]),
                 response[chunk],
@@ -582,8 +613,9 @@ class SDPOTrainer:
                 sample_weight=sample_weight,
                 repeat_weight=config.repetition_unlikelihood,
                 repeated=repeated[chunk],
-                base_logprobs=base[chunk] if isinstance(base, torch.Tensor) else None,
-                base_topk=base.rows(chunk) if isinstance(base, TeacherTopK) else None,
+                base_logprobs=rows.base if rows is not None and isinstance(rows.base, torch.Tensor) else None,
+                base_topk=rows.base if rows is not None and isinstance(rows.base, TeacherTopK) else None,
+                leash_weights=None if rows is None else rows.weights,
                 sampling_logprobs=None if sampling is None else sampling[chunk],
             )
             if scale is not None:
