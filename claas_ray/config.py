@@ -127,8 +127,12 @@ class TrainingConfig(StrictModel):
         "135M model it raised clean compliance on five preferences of six over a uniform leash (README, 'The leash').",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    teacher: Literal["ema", "base", "current"] = Field(
-        "base", description="Teacher weights: EMA of the student, the frozen base model, or the student itself."
+    teacher: Literal["ema", "base", "current", "snapshot"] = Field(
+        "base",
+        description="Teacher weights: EMA of the student, the frozen base model, the student itself, or a snapshot: "
+        "the adapter as it was when the feedback it is being taught first arrived, frozen while that feedback is "
+        "taught, so a new preference is taught by a teacher that already does the earlier ones "
+        "(README, 'Preferences do not yet accumulate').",
     )
     ema_rate: float = Field(0.05, gt=0, le=1.0, description="EMA teacher update: teacher = (1-r) teacher + r student.")
     hindsight_template: str = Field(
@@ -625,8 +629,9 @@ class ClaasConfig(StrictModel):
                              "use trainer.colocation: none")
         if self.trainer.backend != "tinker":
             return self
-        if self.training.teacher == "ema":
-            raise ValueError("training.teacher=ema: Tinker keeps no EMA copy of an adapter; use base or current")
+        if self.training.teacher in ("ema", "snapshot"):
+            raise ValueError(f"training.teacher={self.training.teacher}: Tinker keeps no second copy of an adapter; "
+                             "use base or current")
         defaults = TrainingConfig()
         ignored = [name for name in TINKER_IGNORES if getattr(self.training, name) != getattr(defaults, name)]
         if ignored:

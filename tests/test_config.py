@@ -118,6 +118,7 @@ def test_store_kinds_carry_only_their_settings_and_backends_refuse_what_they_ign
     tinker = {"serving": {"engine": "tinker"}, "trainer": {"backend": "tinker"}, "store": {"kind": "tinker"}}
     assert load_config(tinker).trainer.backend == "tinker"
     for extra, key in [({"training": {"teacher": "ema"}}, "training.teacher"),
+                       ({"training": {"teacher": "snapshot"}}, "training.teacher"),
                        ({"training": {"teacher_rollouts": 2}}, "training.teacher_rollouts"),
                        ({"router": {"request_training": ["alpha"]}}, "router.request_training")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -50,6 +50,26 @@ def test_other_teacher_modes(trainer, mode):
     assert result.accepted and result.metrics["divergence"] > 0
 
 
+def test_snapshot_teacher_is_the_adapter_when_its_feedback_first_arrived(trainer):
+    """`teacher: snapshot` is frozen while one feedback is taught and taken anew when another arrives, so the
+    second preference is taught by the adapter that learned the first."""
+    config = TrainingConfig(**CORE, teacher="snapshot", learning_rate=1e-3)
+    start = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=8)
+    one = trainer.step(start, [EXAMPLE], config)
+    assert one.accepted and one.metrics["divergence"] > 0
+    assert same_tensors(one.state.teacher, start.student)  # a new feedback: the adapter as it was
+    two = trainer.step(one.state, [EXAMPLE], config).state
+    assert not same_tensors(two.student, one.state.student)
+    assert same_tensors(two.teacher, start.student)  # the same feedback again: the same teacher
+    other = EXAMPLE.model_copy(update={"feedback": "Answer in one word."})
+    three = trainer.step(two, [other], config)
+    assert same_tensors(three.state.teacher, two.student)  # another feedback: the adapter that learned the first
+    # The teacher's targets really come from that snapshot: scored under it, the batch is not scored as under
+    # the base model's weights.
+    base = trainer.step(two, [other], config.model_copy(update={"teacher": "base"}))
+    assert three.metrics["divergence"] != pytest.approx(base.metrics["divergence"], rel=1e-3)
+
+
 def test_optimizer_state_persists_and_learning_rate_is_honoured(trainer):
     state = trainer.init_adapter(LoraConfig(rank=4, alpha=8), seed=6)
     one = trainer.step(state, [EXAMPLE], TrainingConfig(**CORE, learning_rate=1e-3)).state

@@ -355,7 +355,14 @@ class SDPOTrainer:
         return Leash(base, torch.cat(weights) if weights else None)
 
     def _teacher_weights(self, config: TrainingConfig) -> Weights:
-        return {"ema": TEACHER, "base": "base", "current": STUDENT}[config.teacher]
+        return {"ema": TEACHER, "base": "base", "current": STUDENT, "snapshot": TEACHER}[config.teacher]
+
+    @staticmethod
+    def _snapshot(state: AdapterState, examples: Sequence[TrainingExample]) -> dict[str, torch.Tensor]:
+        """The `snapshot` teacher's weights for this step: the adapter as it is now when the batch brings feedback
+        it was never taught (a new preference starts), else the snapshot taken then, kept in `state.teacher`."""
+        fresh = any(example.feedback not in state.learned_feedback for example in examples)
+        return state.student if fresh or not state.teacher else state.teacher
 
     def _tokenize(
         self, examples: Sequence[TrainingExample], config: TrainingConfig, learned: Sequence[str] = ()
@@ -445,6 +452,9 @@ class SDPOTrainer:
         tokenized = self._tokenize(examples, config, state.learned_feedback)
         own = [item.head(config.own_response_tokens) for item in tokenized]
         self._prepare(state)
+        snapshot = self._snapshot(state, examples) if config.teacher == "snapshot" else None
+        if snapshot is not None:
+            self._load_slot(TEACHER, snapshot)
         rollouts: list[_Rollout] = []
         rollout_seconds = 0.0
         if config.teacher_rollouts:
@@ -530,8 +540,9 @@ class SDPOTrainer:
                 )
 
         student = self._read_slot(STUDENT)
-        teacher = {name: tensor.clone() for name, tensor in (state.teacher or state.student).items()}
-        ema_update(teacher, student, config.ema_rate)
+        teacher = {name: tensor.clone() for name, tensor in (snapshot or state.teacher or state.student).items()}
+        if snapshot is None:
+            ema_update(teacher, student, config.ema_rate)
         new_state = AdapterState(
             lora=state.lora,
             base_model=state.base_model,
