@@ -29,6 +29,9 @@ from claas_ray.training.step import SDPOTrainer
 from claas_ray.training.teacher import hindsight_messages
 
 
+TRACED = ("divergence", "kl", "kl_to_base_after", "leash_weight_mean", "grad_norm", "loss")
+
+
 def conversation(preference, prompt: str) -> list[ChatMessage]:
     return [ChatMessage(**message) for message in preference.conversation(prompt)]
 
@@ -91,6 +94,12 @@ def teach(trainer: SDPOTrainer, state, preference, config: TrainingConfig, args,
             for c, (_, ids) in zip(conversations, samples)
         ]
         result = trainer.step(state, examples, config)
+        if args.trace:
+            print(json.dumps({
+                "event": step, "preference": preference.name, "accepted": result.accepted,
+                "sample_complies": [complies_cleanly(text, preference.verifier) for text, _ in samples],
+                **{key: round(result.metrics[key], 4) for key in TRACED if key in result.metrics},
+            }), flush=True)
         if not result.accepted:
             reasons.append(result.reason[:80])
         state = result.state
@@ -158,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--heldout", type=int, default=22)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--trace", action="store_true", help="print each event's step metrics and whether the "
+                        "answer the feedback was given on complied")
     args = parser.parse_args(argv)
     trainer = SDPOTrainer(ModelConfig())
     {"teacher": teacher_ceiling, "train": train, "sequence": sequence}[args.mode](trainer, args)
