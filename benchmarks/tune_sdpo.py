@@ -28,7 +28,6 @@ from claas_ray.training.example import TrainingExample
 from claas_ray.training.step import SDPOTrainer
 from claas_ray.training.teacher import hindsight_messages
 
-
 TRACED = ("divergence", "kl", "kl_to_base_after", "leash_weight_mean", "grad_norm", "loss")
 
 
