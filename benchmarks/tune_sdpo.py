@@ -61,12 +61,24 @@ def teacher_ceiling(trainer: SDPOTrainer, args) -> None:
     for name in args.preferences:
         preference = load_preference(name)
         prompts = preference.heldout_prompts[: args.heldout]
-        plain, _ = compliance(trainer, None, preference, [conversation(preference, p) for p in prompts], args.max_tokens)
+        plain, base_answers = compliance(
+            trainer, None, preference, [conversation(preference, p) for p in prompts], args.max_tokens
+        )
         hindsight, samples = compliance(
             trainer, None, preference,
-            [hindsight_messages(conversation(preference, p), preference.feedback, config.hindsight_template) for p in prompts], args.max_tokens,
+            [hindsight_messages(conversation(preference, p), preference.feedback, config.hindsight_template)
+             for p in prompts],
+            args.max_tokens,
         )
-        print(json.dumps({"preference": name, "base": plain, "hindsight_teacher": hindsight, "samples": samples[:2]}))
+        print(json.dumps({
+            "preference": name, "base": plain, "hindsight_teacher": hindsight,
+            # The teacher's answer set against the base's, by the capability bound's measures: a student that
+            # distils this teacher inherits its variety as well as its compliance.
+            "distinct_2": {"base": round(distinct_n(base_answers, 2), 3), "teacher": round(distinct_n(samples, 2), 3)},
+            "degenerate": {"base": sum(map(is_degenerate, base_answers)), "teacher": sum(map(is_degenerate, samples))},
+            "mean_words": {"base": round(mean_words(base_answers), 1), "teacher": round(mean_words(samples), 1)},
+            "samples": samples[:3],
+        }, ensure_ascii=False))
 
 
 def parse_settings(items: list[str]) -> dict:
