@@ -243,10 +243,11 @@ class SDPOTrainer:
     def _read_slot(self, slot: str) -> dict[str, torch.Tensor]:
         return {name: p.detach().to("cpu", torch.float32).clone() for name, p in self._slot_params(slot).items()}
 
-    def _prepare(self, state: AdapterState) -> None:
+    def _prepare(self, state: AdapterState, teacher: dict[str, torch.Tensor] | None = None) -> None:
+        """Load the adapter into the slots; the teacher slot gets `teacher` where given (the `snapshot` teacher)."""
         self._ensure_slots(state.lora)
         self._load_slot(STUDENT, state.student)
-        self._load_slot(TEACHER, state.teacher or state.student)
+        self._load_slot(TEACHER, teacher or state.teacher or state.student)
 
     @contextmanager
     def _weights(self, which: Weights) -> Iterator[None]:
@@ -451,10 +452,8 @@ class SDPOTrainer:
         torch.manual_seed(config.seed)
         tokenized = self._tokenize(examples, config, state.learned_feedback)
         own = [item.head(config.own_response_tokens) for item in tokenized]
-        self._prepare(state)
         snapshot = self._snapshot(state, examples) if config.teacher == "snapshot" else None
-        if snapshot is not None:
-            self._load_slot(TEACHER, snapshot)
+        self._prepare(state, teacher=snapshot)
         rollouts: list[_Rollout] = []
         rollout_seconds = 0.0
         if config.teacher_rollouts:
