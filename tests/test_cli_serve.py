@@ -96,14 +96,17 @@ def test_serving_and_training_run_on_the_cores_the_config_gives_them(served):
                 "ServeReplica:claas-ray:inference": everywhere, "ServeReplica:claas-ray:trainer": (1,)}
     # Twice (CI on 2026-12-02, and a local full run on 2026-12-03) the engine's processes were not found among
     # the app's processes by their titles while the serve log shows them alive and serving, so they are found by
-    # the pids vLLM logs for them; the replicas by their titles. A failure shows every process under the app.
+    # the pids vLLM logs for them; the replicas by their titles. A failure shows every process under the app
+    # and the serve log's errors.
     deadline = time.monotonic() + 180
     while True:
         pinned, processes = pinned_cores(pid, logged_engine_pids(log_path.read_text()))
         if pinned == expected or time.monotonic() > deadline:
             break
         time.sleep(5)
-    assert pinned == expected, (pinned, processes)
+    errors = [line[-300:] for line in log_path.read_text().splitlines()
+              if re.search(r"ERROR|unhealthy|died|Traceback|restart", line)]
+    assert pinned == expected, (pinned, processes, errors[-20:])
 
 
 def logged_engine_pids(log: str) -> dict[str, int]:
