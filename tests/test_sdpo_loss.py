@@ -11,6 +11,7 @@ import torch
 from claas_ray.training.sdpo_loss import (
     feedback_concern,
     generalized_jsd,
+    guided_topk,
     repeated_ngrams,
     sdpo_loss,
     teacher_topk,
@@ -225,6 +226,39 @@ def test_feedback_concern_is_kl_from_the_teacher_to_the_base(tensors):
     same[0] = teacher[0]
     concern = feedback_concern(torch.log_softmax(torch.tensor(same), -1), target)
     assert float(concern[0]) == pytest.approx(0.0, abs=1e-5) and bool((concern[1:] > 1e-3).all())
+
+
+def test_guided_teacher_sharpens_the_feedback_among_plausible_tokens_only():
+    """Guidance multiplies each plausible token's probability by (p_teacher / p_without) ** (scale - 1) and gives
+    the plausible set back its own mass: the tail and the implausible top-K entries keep the teacher's values."""
+    rng = np.random.default_rng(21)
+    teacher = (rng.normal(size=(4, 13)) * 2).astype(np.float32)
+    without = (rng.normal(size=(4, 13)) * 2).astype(np.float32)
+    k, scale = 6, 2.5
+    got = guided_topk(torch.log_softmax(torch.tensor(teacher), -1), torch.log_softmax(torch.tensor(without), -1), k, scale)
+    plain = teacher_topk(torch.tensor(teacher), k)
+    assert torch.equal(got.token_ids, plain.token_ids)
+    for t in range(teacher.shape[0]):
+        pt, pw = softmax(teacher[t].astype(np.float64)), softmax(without[t].astype(np.float64))
+        top = np.argsort(-pt, kind="stable")[:k]
+        head = pt[top] >= 0.1 * pt[top[0]]
+        want = pt[top].copy()
+        boosted = pt[top][head] * (pt[top][head] / pw[top][head]) ** (scale - 1)
+        want[head] = boosted / boosted.sum() * pt[top][head].sum()
+        assert np.exp(got.logprobs[t].numpy()) == pytest.approx(want, rel=1e-5)
+        assert float(got.tail_logprob[t].exp()) == pytest.approx(1.0 - pt[top].sum(), rel=1e-4, abs=1e-9)
+    # Where the leash lets go is measured on the teacher before guidance.
+    assert torch.allclose(got.plain().logprobs, plain.logprobs, atol=1e-6)
+    base_logprobs = torch.log_softmax(torch.tensor(without), -1)
+    assert torch.allclose(feedback_concern(base_logprobs, got), feedback_concern(base_logprobs, plain), atol=1e-5)
+    # Among plausible tokens the guided target moves toward what the feedback raised: a token the feedback made
+    # likelier gains on one it made less likely. Scale 1 is the plain teacher.
+    same = guided_topk(torch.log_softmax(torch.tensor(teacher), -1), torch.log_softmax(torch.tensor(without), -1), k, 1.0)
+    assert torch.allclose(same.logprobs, plain.logprobs, atol=1e-6)
+    two = torch.log_softmax(torch.tensor([[0.0, 0.0, -9.0]]), -1)  # the teacher: even between tokens 0 and 1
+    base = torch.log_softmax(torch.tensor([[2.0, 0.0, -20.0]]), -1)  # without the feedback, token 0 was far likelier
+    guided = guided_topk(two, base, 3, 2.0).logprobs.exp()[0]
+    assert float(guided[1]) > 0.8 and float(guided[2]) == pytest.approx(float(two.exp()[0, 2]), rel=1e-5)
 
 
 def test_leash_weights_scale_the_leash_per_position(tensors):

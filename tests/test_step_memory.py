@@ -18,7 +18,7 @@ import torch
 import claas_ray.training.step as step_module
 from claas_ray.config import LoraConfig, TrainingConfig
 from claas_ray.training import ChatMessage, TrainingExample
-from claas_ray.training.sdpo_loss import feedback_concern, sdpo_loss, teacher_topk
+from claas_ray.training.sdpo_loss import feedback_concern, guided_topk, sdpo_loss, teacher_topk
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,9 @@ def _reference(trainer, state, example: TrainingExample, config: TrainingConfig)
         return torch.log_softmax(full, -1).gather(-1, item.response_ids.unsqueeze(-1)).squeeze(-1)
 
     with torch.no_grad(), trainer._weights("base"):
-        target = teacher_topk(logits(item.teacher_ids), config.top_k)
         base_full = torch.log_softmax(logits(item.student_ids), -1)
+        teacher_full = torch.log_softmax(logits(item.teacher_ids), -1)
+        target = guided_topk(teacher_full, base_full, config.top_k, config.teacher_guidance)
     params = trainer._slot_params("student")
     for parameter in params.values():
         parameter.grad = None
@@ -87,10 +88,11 @@ def _reference(trainer, state, example: TrainingExample, config: TrainingConfig)
     return float(out.loss_sum.detach()) / length, grads, updated, kl_after, item
 
 
-@pytest.mark.parametrize(("leash_top_k", "concern"), [(64, None), (None, None), (64, 0.5)],
-                         ids=["bucketed-leash", "k3-leash", "concern-weighted-leash"])
-def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch, leash_top_k, concern):
-    config = CONFIG.model_copy(update={"leash_top_k": leash_top_k, "leash_concern_nats": concern})
+@pytest.mark.parametrize(("leash_top_k", "concern", "guidance"), [(64, None, 1.0), (None, None, 1.0), (64, 0.5, 2.0)],
+                         ids=["bucketed-leash", "k3-leash", "concern-weighted-leash-guided-teacher"])
+def test_step_matches_the_unoptimised_computation(fp32_trainer, monkeypatch, leash_top_k, concern, guidance):
+    config = CONFIG.model_copy(update={"leash_top_k": leash_top_k, "leash_concern_nats": concern,
+                                       "teacher_guidance": guidance})
     trainer = fp32_trainer  # float32 precision is what "the same result" is checked to
     # Three positions per vocabulary chunk, so a 20-token answer is cut into several chunks.
     monkeypatch.setattr(step_module, "LOGIT_CHUNK_ELEMENTS", 3 * trainer.base.config.vocab_size)

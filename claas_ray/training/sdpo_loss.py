@@ -38,6 +38,7 @@ import torch
 
 _TAIL_FLOOR = 1e-12
 REPEATED_NGRAM = 3  # a token repeats when it completes a token trigram seen earlier in the same response
+GUIDANCE_PLAUSIBLE = 0.1  # guided_topk reweights only tokens at least this likely relative to the teacher's top one
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class TeacherTopK:
 
     logprobs: torch.Tensor  # [T, K]
     token_ids: torch.Tensor  # [T, K]
+    unguided: torch.Tensor | None = None  # [T, K]: where `logprobs` are guided (`guided_topk`), the plain teacher's
+
+    def plain(self) -> TeacherTopK:
+        """The teacher's own distribution on these ids, before any guidance."""
+        return self if self.unguided is None else TeacherTopK(self.unguided, self.token_ids)
 
     @property
     def tail_logprob(self) -> torch.Tensor:  # [T]
@@ -57,12 +63,18 @@ class TeacherTopK:
 
     def rows(self, positions: slice) -> TeacherTopK:
         """The distribution at a range of response positions (the loss is computed a chunk at a time)."""
-        return TeacherTopK(logprobs=self.logprobs[positions], token_ids=self.token_ids[positions])
+        unguided = None if self.unguided is None else self.unguided[positions]
+        return TeacherTopK(self.logprobs[positions], self.token_ids[positions], unguided)
 
     @staticmethod
     def cat(chunks: list[TeacherTopK]) -> TeacherTopK:
         """The chunks of consecutive positions, joined."""
-        return TeacherTopK(torch.cat([c.logprobs for c in chunks]), torch.cat([c.token_ids for c in chunks]))
+        unguided = [c.unguided for c in chunks]
+        return TeacherTopK(
+            torch.cat([c.logprobs for c in chunks]),
+            torch.cat([c.token_ids for c in chunks]),
+            None if any(u is None for u in unguided) else torch.cat(unguided),  # type: ignore[arg-type]
+        )
 
 
 def log_remaining_mass(logprobs: torch.Tensor) -> torch.Tensor:
@@ -81,6 +93,28 @@ def topk_of_logprobs(logprobs: torch.Tensor, k: int) -> TeacherTopK:
     """The top-K of full log-probs [T, V], with their token ids."""
     values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     return TeacherTopK(logprobs=values, token_ids=ids)
+
+
+def guided_topk(teacher_logprobs: torch.Tensor, without_logprobs: torch.Tensor, k: int, scale: float,
+                plausible: float = GUIDANCE_PLAUSIBLE) -> TeacherTopK:
+    """The teacher's top-K with the feedback's effect on it scaled by `scale` (classifier-free guidance).
+
+    teacher_logprobs [T, V] are the teacher's with the feedback in its context, without_logprobs [T, V] the same
+    weights' without it. Among the teacher's plausible tokens (probability at least `plausible` times its most
+    likely one's, the contrastive-decoding constraint) each probability is multiplied by
+    (p_teacher / p_without) ** (scale - 1) and the set renormalised to the mass it had: the feedback's preference
+    among tokens the teacher would write is sharpened, and no mass moves to a token the teacher finds unlikely
+    (where the ratio of two tiny probabilities is noise) or into the tail. scale 1 is the plain teacher.
+    """
+    top = topk_of_logprobs(teacher_logprobs, k)
+    if scale == 1.0:
+        return top
+    head = top.logprobs >= top.logprobs[:, :1] + math.log(plausible)  # topk is sorted: column 0 is the largest
+    contrast = top.logprobs - without_logprobs.gather(-1, top.token_ids)
+    shifted = (top.logprobs + (scale - 1.0) * contrast).masked_fill(~head, -math.inf)
+    mass = torch.logsumexp(top.logprobs.masked_fill(~head, -math.inf), dim=-1, keepdim=True)
+    guided = shifted - torch.logsumexp(shifted, dim=-1, keepdim=True) + mass
+    return TeacherTopK(torch.where(head, guided, top.logprobs), top.token_ids, unguided=top.logprobs)
 
 
 def repeated_ngrams(response_ids: torch.Tensor, n: int = REPEATED_NGRAM) -> torch.Tensor:
@@ -115,9 +149,11 @@ def feedback_concern(base_logprobs: torch.Tensor, teacher: TeacherTopK) -> torch
 
     With the base model as the teacher, this is how much seeing the feedback changes the next token at each
     position: large where the feedback has something to say (the dash that starts a list, the name), about zero
-    on the rest of the text.
+    on the rest of the text. Measured on the teacher before guidance: guidance sharpens the targets, not where
+    the feedback has a say.
     """
-    return _kl(teacher.buckets(), student_buckets(base_logprobs, teacher))
+    plain = teacher.plain()
+    return _kl(plain.buckets(), student_buckets(base_logprobs, plain))
 
 
 def generalized_jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -38,9 +38,9 @@ from claas_ray.training.lora_precision import upcast_lora_inputs
 from claas_ray.training.sdpo_loss import (
     TeacherTopK,
     feedback_concern,
+    guided_topk,
     repeated_ngrams,
     sdpo_loss,
-    teacher_topk,
     topk_of_logprobs,
 )
 from claas_ray.training.teacher import ema_update, hindsight_messages, learn_feedback, remembered_feedback
@@ -331,8 +331,19 @@ class SDPOTrainer:
             for chunk in self._chunks(hidden.shape[0])
         ])
 
-    def _topk(self, hidden: torch.Tensor, k: int) -> TeacherTopK:
-        return TeacherTopK.cat([teacher_topk(self._logits(hidden[chunk]), k) for chunk in self._chunks(hidden.shape[0])])
+    def _targets(self, teacher: torch.Tensor, without: torch.Tensor | None, config: TrainingConfig) -> TeacherTopK:
+        """The teacher's top-K targets from its hidden states [T, H]; guided (`training.teacher_guidance`) by the
+        same weights' hidden states without the feedback, where given."""
+        return TeacherTopK.cat([
+            self._guided(torch.log_softmax(self._logits(teacher[chunk]), -1), None if without is None else without[chunk], config)
+            for chunk in self._chunks(teacher.shape[0])
+        ])
+
+    def _guided(self, teacher_logprobs: torch.Tensor, without: torch.Tensor | None, config: TrainingConfig) -> TeacherTopK:
+        if without is None or config.teacher_guidance == 1.0:
+            return topk_of_logprobs(teacher_logprobs, config.top_k)
+        without_logprobs = torch.log_softmax(self._logits(without), -1)
+        return guided_topk(teacher_logprobs, without_logprobs, config.top_k, config.teacher_guidance)
 
     def _leash(self, item: TokenizedExample, base_hidden: torch.Tensor | None, target: TeacherTopK,
                config: TrainingConfig) -> Leash | None:
@@ -391,22 +402,27 @@ class SDPOTrainer:
 
         With the base model as the teacher (the default) both are passes of the same weights over inputs that
         agree up to the last user turn, where the feedback goes: that prefix, most of an agent's conversation, is
-        computed once and its key-value cache serves both continuations.
+        computed once and its key-value cache serves both continuations. Guidance needs the teacher's weights
+        without the feedback, the same pair of passes.
         """
         weights = self._teacher_weights(config)
+        guided = config.teacher_guidance != 1.0
         targets: list[TeacherTopK] = []
         base: list[torch.Tensor | None] = []
         for item in batch:
             length = item.response_ids.shape[0]
-            if need_base and weights == "base":
-                with self._weights("base"):
-                    student, teacher = self._paired_hidden(item.student_ids, item.teacher_ids, length)
-                base.append(student)
+            without: torch.Tensor | None = None
+            if guided or (need_base and weights == "base"):
+                with self._weights(weights):
+                    without, teacher = self._paired_hidden(item.student_ids, item.teacher_ids, length)
             else:
                 with self._weights(weights):
                     teacher = self._response_hidden(item.teacher_ids, length)
-                base.append(self._base_hidden([item])[0] if need_base else None)
-            targets.append(self._topk(teacher, config.top_k))
+            if not need_base:
+                base.append(None)
+            else:
+                base.append(without if without is not None and weights == "base" else self._base_hidden([item])[0])
+            targets.append(self._targets(teacher, without if guided else None, config))
         return targets, base
 
     def _paired_hidden(
@@ -711,7 +727,8 @@ class SDPOTrainer:
                     with_feedback = torch.log_softmax(logits, -1).gather(-1, chosen).squeeze(-1)
                     without = self._response_hidden(example.student_ids, len(row))
                     gain = float((with_feedback - self._chosen_logprobs(without, response)).mean())
-                    rollout = _Rollout(example, teacher_topk(logits, config.top_k), without if weights == "base" else None)
+                    target = self._guided(torch.log_softmax(logits, -1), without, config)
+                    rollout = _Rollout(example, target, without if weights == "base" else None)
                     scored.append((gain, rollout))
                 scored.sort(key=lambda pair: pair[0], reverse=True)
                 kept.extend(rollout for _, rollout in scored[: keep or len(scored)])
