@@ -9,7 +9,7 @@ from claas_ray.chat import render_prompt_ids
 from claas_ray.config import LoraConfig, TrainingConfig
 from claas_ray.degeneration import is_degenerate
 from claas_ray.training import ChatMessage, TrainingExample
-from claas_ray.training.sdpo_loss import repeated_ngrams
+from claas_ray.training.sdpo_loss import guided_topk, repeated_ngrams
 from claas_ray.training.teacher import hindsight_messages
 
 pytestmark = pytest.mark.slow
@@ -146,6 +146,35 @@ def test_teacher_rollouts_are_fluent_and_the_ones_the_feedback_explains_best(tra
     # The kept ones are the two best (within float noise: sampling scored them with a KV cache, this test without).
     assert all(gain(r) >= gains[1] - 1e-3 for r in kept), (gains, [gain(r) for r in kept])
     assert gains[0] > 0  # the feedback explains the best rollout better than the plain context does
+
+
+def test_guided_teacher_guides_the_rollouts_targets_by_their_pass_without_the_feedback(trainer):
+    """With `teacher_guidance` the rollouts are the same samples, and each one's target is `guided_topk` of the
+    teacher's distribution on it against the same weights' without the feedback (the pass that already scores it)."""
+    example = TrainingExample(messages=[ChatMessage(role="user", content="Tell me about the ocean.")],
+                              response_text="The ocean is big.", feedback="Answer as a bulleted list.")
+    config = TrainingConfig(teacher_rollouts=2, rollout_keep=None, rollout_max_tokens=16)
+    trainer._prepare(trainer.init_adapter(LoraConfig(), seed=10))
+    batch = trainer._tokenize([example], config)
+    plain = trainer._teacher_rollouts(batch, config)
+    guided = trainer._teacher_rollouts(batch, config.model_copy(update={"teacher_guidance": 2.0}))
+    assert plain and [r.example.response_ids.tolist() for r in guided] == [r.example.response_ids.tolist() for r in plain]
+    for before, after in zip(plain, guided):
+        assert torch.equal(after.target.token_ids, before.target.token_ids)
+        assert torch.equal(after.target.plain().logprobs, before.target.logprobs)
+        # The plain target's top-K as a full distribution (the rest impossible) gives guided_topk the same top-K.
+        full = torch.full((before.target.logprobs.shape[0], trainer.base.config.vocab_size), -torch.inf)
+        full.scatter_(-1, before.target.token_ids.cpu(), before.target.logprobs.cpu())
+        length = after.example.response_ids.shape[0]
+        with torch.no_grad(), trainer._weights("base"):
+            without = torch.log_softmax(trainer._logits(trainer._response_hidden(after.example.student_ids, length)), -1)
+        want = guided_topk(full, without.cpu(), config.top_k, 2.0)
+
+        def by_token(target) -> torch.Tensor:  # bf16 logits tie often, and ties may come out of top-K in any order
+            return target.logprobs.cpu().gather(-1, target.token_ids.cpu().argsort(-1))
+
+        assert torch.allclose(by_token(after.target), by_token(want), atol=1e-5)
+        assert not torch.allclose(after.target.logprobs, before.target.logprobs, atol=1e-3)
 
 
 def test_rollout_sample_weight_is_cross_entropy_on_the_kept_rollouts_only(trainer):
