@@ -69,11 +69,11 @@ class TeacherTopK:
     @staticmethod
     def cat(chunks: list[TeacherTopK]) -> TeacherTopK:
         """The chunks of consecutive positions, joined."""
-        unguided = [c.unguided for c in chunks]
+        unguided = [c.unguided for c in chunks if c.unguided is not None]
         return TeacherTopK(
             torch.cat([c.logprobs for c in chunks]),
             torch.cat([c.token_ids for c in chunks]),
-            None if any(u is None for u in unguided) else torch.cat(unguided),  # type: ignore[arg-type]
+            torch.cat(unguided) if len(unguided) == len(chunks) else None,
         )
 
 

@@ -332,8 +332,8 @@ class SDPOTrainer:
         ])
 
     def _targets(self, teacher: torch.Tensor, without: torch.Tensor | None, config: TrainingConfig) -> TeacherTopK:
-        """The teacher's top-K targets from its hidden states [T, H]; guided (`training.teacher_guidance`) by the
-        same weights' hidden states without the feedback, where given."""
+        """The teacher's top-K targets from its hidden states [T, H]; with `training.teacher_guidance`, guided by the
+        same weights' hidden states without the feedback."""
         return TeacherTopK.cat([
             self._guided(torch.log_softmax(self._logits(teacher[chunk]), -1), None if without is None else without[chunk], config)
             for chunk in self._chunks(teacher.shape[0])
@@ -412,17 +412,16 @@ class SDPOTrainer:
         for item in batch:
             length = item.response_ids.shape[0]
             without: torch.Tensor | None = None
-            if guided or (need_base and weights == "base"):
-                with self._weights(weights):
+            with self._weights(weights):
+                if guided or (need_base and weights == "base"):
                     without, teacher = self._paired_hidden(item.student_ids, item.teacher_ids, length)
-            else:
-                with self._weights(weights):
+                else:
                     teacher = self._response_hidden(item.teacher_ids, length)
             if not need_base:
                 base.append(None)
             else:
                 base.append(without if without is not None and weights == "base" else self._base_hidden([item])[0])
-            targets.append(self._targets(teacher, without if guided else None, config))
+            targets.append(self._targets(teacher, without, config))
         return targets, base
 
     def _paired_hidden(
@@ -724,10 +723,11 @@ class SDPOTrainer:
                         sampling_logprobs=None,
                     )
                     chosen = response.to(self.device).unsqueeze(-1)
-                    with_feedback = torch.log_softmax(logits, -1).gather(-1, chosen).squeeze(-1)
+                    logprobs = torch.log_softmax(logits, -1)
+                    with_feedback = logprobs.gather(-1, chosen).squeeze(-1)
                     without = self._response_hidden(example.student_ids, len(row))
                     gain = float((with_feedback - self._chosen_logprobs(without, response)).mean())
-                    target = self._guided(torch.log_softmax(logits, -1), without, config)
+                    target = self._guided(logprobs, without, config)
                     rollout = _Rollout(example, target, without if weights == "base" else None)
                     scored.append((gain, rollout))
                 scored.sort(key=lambda pair: pair[0], reverse=True)
